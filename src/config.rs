@@ -1,0 +1,288 @@
+//! Command line and environment configuration. Every setting has a flag, an `G2W_*` variable and a doc line,
+//! so `--help` is the configuration reference.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "g2w-webhooks",
+    version,
+    about = "GoToWebinar Webhooks API: management and signed, durable delivery"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "G2W_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API and the delivery workers.
+    Serve(ServeArgs),
+    /// Run only the delivery workers (no HTTP API except health and metrics).
+    Worker(ServeArgs),
+    /// Create or upgrade the database schema, then exit.
+    Migrate(DbArgs),
+    /// Manage bearer tokens (works while the server runs).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Publish a realistic sample event to a running server.
+    Trigger(TriggerArgs),
+    /// Inspect and repair deliveries on a running server.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
+    /// Deliver every delivery of an event again.
+    Redeliver {
+        /// The event's eventKey.
+        event_key: String,
+        #[command(flatten)]
+        admin: AdminClientArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Database URL: `sqlite://FILE` (embedded default) or `postgres://...` for several nodes.
+    #[arg(
+        long,
+        env = "G2W_DATABASE_URL",
+        default_value = "sqlite://g2w-webhooks.db"
+    )]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "G2W_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    /// Development mode: allows http:// and private callback URLs, creates a dev application and organizer and
+    /// prints their token, the admin token and a curl line.
+    #[arg(long, env = "G2W_DEV")]
+    pub dev: bool,
+
+    /// Token that authorizes the admin API (`/admin/v1`: publishing events, deliveries). Without it, and outside
+    /// dev mode, the admin API refuses every request.
+    #[arg(long, env = "G2W_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Run the API only; another node's workers deliver.
+    #[arg(long, env = "G2W_NO_WORKER")]
+    pub no_worker: bool,
+
+    /// Most delivery attempts in flight at once on this node.
+    #[arg(long, env = "G2W_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+
+    /// Delays between attempts after a failure, comma separated (units ms, s, m, h). The number of delays is the
+    /// number of retries.
+    #[arg(long, env = "G2W_RETRY_SCHEDULE", default_value = "5s,30s,2m,10m,30m,1h,3h,6h,12h", value_parser = parse_schedule)]
+    pub retry_schedule: Schedule,
+
+    /// How long a callback has to answer one delivery attempt.
+    #[arg(long, env = "G2W_ATTEMPT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub attempt_timeout: Duration,
+
+    /// A subscription whose deliveries have all failed for this long is set INACTIVE.
+    #[arg(long, env = "G2W_DISABLE_AFTER", default_value = "24h", value_parser = parse_duration)]
+    pub disable_after: Duration,
+
+    /// How long a callback URL has to answer the validation GET.
+    #[arg(long, env = "G2W_CALLBACK_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub callback_check_timeout: Duration,
+
+    /// Also send the Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature).
+    #[arg(long, env = "G2W_STANDARD_WEBHOOKS")]
+    pub standard_webhooks: bool,
+
+    /// How long a claimed delivery stays with this node before another may take it (PostgreSQL).
+    #[arg(long, env = "G2W_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// Longest a worker waits before looking for due deliveries on its own.
+    #[arg(long, env = "G2W_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// How long shutdown waits for in-flight attempts to finish.
+    #[arg(long, env = "G2W_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Database connections for reads (PostgreSQL: the whole pool).
+    #[arg(long, env = "G2W_DB_POOL", default_value_t = 8)]
+    pub db_pool: u32,
+
+    /// SQLite durability: `full` makes an acknowledged write survive power loss, `normal` survives a process crash.
+    #[arg(long, env = "G2W_SQLITE_SYNCHRONOUS", default_value = "full")]
+    pub sqlite_synchronous: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a bearer token for an application and organizer; prints only the token.
+    Create {
+        /// Application (OAuth client) name; created if new.
+        #[arg(long)]
+        app: String,
+        /// Organizer key (int64).
+        #[arg(long)]
+        organizer: i64,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Revoke a token.
+    Revoke {
+        /// The token to revoke.
+        token: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AdminClientArgs {
+    /// Base URL of the running server.
+    #[arg(long, env = "G2W_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Admin token of the running server.
+    #[arg(long, env = "G2W_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// registrant.added, registrant.joined, webinar.created or webinar.changed.
+    pub event: String,
+    /// Organizer whose subscriptions receive it.
+    #[arg(long)]
+    pub organizer: i64,
+    /// Override or add a field: `--set webinarTitle=Demo` (numbers and JSON values are taken as JSON).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
+    #[command(flatten)]
+    pub admin: AdminClientArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List deliveries, newest first.
+    List {
+        /// pending, delivered or failed.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        webhook: Option<String>,
+        #[arg(long)]
+        subscription: Option<String>,
+        #[arg(long)]
+        event_name: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        admin: AdminClientArgs,
+    },
+    /// Show one delivery with its attempts.
+    Get {
+        id: i64,
+        #[command(flatten)]
+        admin: AdminClientArgs,
+    },
+    /// Attempt one delivery again now.
+    Retry {
+        id: i64,
+        #[command(flatten)]
+        admin: AdminClientArgs,
+    },
+    /// Attempt every failed delivery of a subscription again now.
+    RetryFailed {
+        /// The user subscription key.
+        subscription: String,
+        #[command(flatten)]
+        admin: AdminClientArgs,
+    },
+}
+
+/// Delays between attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("`{s}` needs a unit: ms, s, m or h"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s, 2m or 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "`{s}` has unknown unit `{unit}`; use ms, s, m, h or d"
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    if s.trim().is_empty() {
+        return Ok(Schedule(Vec::new()));
+    }
+    s.split(',')
+        .map(parse_duration)
+        .collect::<Result<_, _>>()
+        .map(Schedule)
+}
+
+impl ServeArgs {
+    /// Settings for tests and embedding: defaults, dev mode, the given database.
+    pub fn for_database(database_url: &str) -> Self {
+        let cli = Cli::parse_from([
+            "g2w-webhooks",
+            "serve",
+            "--dev",
+            "--database-url",
+            database_url,
+        ]);
+        match cli.command {
+            Command::Serve(args) => args,
+            _ => unreachable!("parsed a serve command"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_schedules_parse() {
+        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5y").is_err());
+        let s = parse_schedule("5s,30s,2m").expect("parses");
+        assert_eq!(s.0.len(), 3);
+    }
+}

@@ -1,0 +1,185 @@
+//! One delivery attempt: sign, POST, classify the answer, decide what happens next.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
+
+use crate::callback::root_cause;
+use crate::domain::{format_ms, now_ms};
+use crate::signing;
+use crate::store::{AttemptRecord, DeliveryJob, Outcome};
+
+/// First bytes of a response body kept with the attempt.
+const EXCERPT: usize = 1024;
+/// Longest Retry-After honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The retry policy: delays after each failed attempt, with jitter.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub schedule: Vec<Duration>,
+}
+
+impl RetryPolicy {
+    /// What follows attempt `number` (1-based) that did not succeed.
+    pub fn after_failure(
+        &self,
+        number: i64,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        now: i64,
+    ) -> Outcome {
+        if status == Some(410) {
+            return Outcome::Gone;
+        }
+        let Some(base) = usize::try_from(number - 1)
+            .ok()
+            .and_then(|i| self.schedule.get(i))
+        else {
+            return Outcome::Failed;
+        };
+        let delay = match (status, retry_after) {
+            (Some(429 | 503), Some(ra)) => ra.min(MAX_RETRY_AFTER),
+            _ => jitter(*base),
+        };
+        Outcome::RetryAt(now + delay.as_millis() as i64)
+    }
+}
+
+/// Spreads retries over ±20% of the delay so failing receivers are not hit by synchronized waves.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
+}
+
+/// Retry-After as seconds or an HTTP date.
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let ms = at.timestamp_millis() - now_ms();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+pub struct Attempt<'a> {
+    pub client: &'a reqwest::Client,
+    pub policy: &'a RetryPolicy,
+    pub node: &'a str,
+    pub standard_webhooks: bool,
+}
+
+impl Attempt<'_> {
+    /// Sends the delivery and returns the attempt's record.
+    pub async fn run(&self, job: &DeliveryJob, key: Option<&str>) -> AttemptRecord {
+        let started_at = now_ms();
+        let timestamp = format_ms(started_at);
+        let mut req = self
+            .client
+            .post(&job.url)
+            .header(CONTENT_TYPE, "application/json")
+            .header("X-Webhook-Signature-Timestamp", &timestamp);
+        if let Some(key) = key {
+            req = req.header(
+                "X-Webhook-Signature",
+                signing::sign(key, &timestamp, &job.body),
+            );
+            if self.standard_webhooks {
+                let secs = started_at / 1000;
+                req = req
+                    .header("webhook-id", &job.event_key)
+                    .header("webhook-timestamp", secs.to_string())
+                    .header(
+                        "webhook-signature",
+                        signing::sign_standard(key, &job.event_key, secs, &job.body),
+                    );
+            }
+        }
+        let clock = Instant::now();
+        let result = req.body(job.body.clone()).send().await;
+        let number = job.attempts + 1;
+        let mut record = AttemptRecord {
+            delivery_id: job.id,
+            subscription_key: job.subscription_key.clone(),
+            number,
+            node: self.node.to_string(),
+            started_at,
+            duration_ms: 0,
+            status_code: None,
+            error: None,
+            response_excerpt: None,
+            outcome: Outcome::Failed,
+        };
+        match result {
+            Ok(mut res) => {
+                let status = res.status();
+                let retry_after = parse_retry_after(res.headers());
+                let mut excerpt = Vec::new();
+                // Read at most the excerpt; a body cut short by the timeout does not change the outcome.
+                while excerpt.len() < EXCERPT {
+                    match res.chunk().await {
+                        Ok(Some(chunk)) => excerpt
+                            .extend_from_slice(&chunk[..chunk.len().min(EXCERPT - excerpt.len())]),
+                        _ => break,
+                    }
+                }
+                record.status_code = Some(i64::from(status.as_u16()));
+                if !excerpt.is_empty() {
+                    record.response_excerpt = Some(String::from_utf8_lossy(&excerpt).into_owned());
+                }
+                record.outcome = if status.is_success() {
+                    Outcome::Delivered
+                } else {
+                    record.error = Some(format!("HTTP {}", status.as_u16()));
+                    self.policy
+                        .after_failure(number, Some(status.as_u16()), retry_after, now_ms())
+                };
+            }
+            Err(e) => {
+                let what = if e.is_timeout() {
+                    "timed out".to_string()
+                } else if e.is_connect() {
+                    format!("connection failed: {}", root_cause(&e))
+                } else {
+                    root_cause(&e)
+                };
+                record.error = Some(what);
+                record.outcome = self.policy.after_failure(number, None, None, now_ms());
+            }
+        }
+        record.duration_ms = clock.elapsed().as_millis() as i64;
+        record
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_then_failed() {
+        let p = RetryPolicy {
+            schedule: vec![Duration::from_secs(5), Duration::from_secs(30)],
+        };
+        match p.after_failure(1, Some(500), None, 0) {
+            Outcome::RetryAt(t) => assert!((4000..=6000).contains(&t), "{t}"),
+            o => panic!("{o:?}"),
+        }
+        match p.after_failure(2, None, None, 0) {
+            Outcome::RetryAt(t) => assert!((24000..=36000).contains(&t), "{t}"),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(p.after_failure(3, Some(500), None, 0), Outcome::Failed);
+        assert_eq!(p.after_failure(1, Some(410), None, 0), Outcome::Gone);
+        assert_eq!(
+            p.after_failure(1, Some(429), Some(Duration::from_secs(7)), 0),
+            Outcome::RetryAt(7000)
+        );
+        // Retry-After only counts on 429 and 503.
+        assert_ne!(
+            p.after_failure(1, Some(500), Some(Duration::from_secs(7)), 0),
+            Outcome::RetryAt(7000)
+        );
+    }
+}

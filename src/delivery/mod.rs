@@ -1,0 +1,353 @@
+//! The delivery engine. The database is the record; memory is the fast path:
+//! publish commits events and deliveries (leased to this node) and hands them straight to the dispatcher;
+//! the scheduler reads the database only for retries that come due, expired leases and overflow.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::domain::{now_ms, SecretKey};
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::store::{
+    AttemptRecord, DeliveryJob, DynStore, Lease, NewEvent, Outcome, PublishOutcome,
+};
+
+pub mod attempt;
+pub mod events;
+
+use attempt::{Attempt, RetryPolicy};
+
+/// How long the application's secret keys are cached before being read again.
+const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Most deliveries one scheduler claim takes.
+const CLAIM_BATCH: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_id: String,
+    pub workers: bool,
+    pub max_in_flight: usize,
+    pub retry: RetryPolicy,
+    pub attempt_timeout: Duration,
+    pub disable_after: Duration,
+    pub standard_webhooks: bool,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub client: reqwest::Client,
+}
+
+pub struct Engine {
+    store: DynStore,
+    settings: Settings,
+    pub metrics: Arc<Metrics>,
+    queue: mpsc::UnboundedSender<DeliveryJob>,
+    /// Jobs in memory: queued or in flight. Bounded by `buffer()`, so a backlog stays in the database.
+    held: AtomicUsize,
+    /// Set when the scheduler left due work in the database for lack of room.
+    starved: AtomicBool,
+    wake: Notify,
+    keys: Mutex<HashMap<i64, CachedKeys>>,
+}
+
+/// An application's secret keys and when they were read.
+type CachedKeys = (Instant, Arc<Vec<SecretKey>>);
+
+impl Engine {
+    pub fn new(
+        store: DynStore,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<DeliveryJob>) {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let engine = Arc::new(Self {
+            store,
+            settings,
+            metrics,
+            queue,
+            held: AtomicUsize::new(0),
+            starved: AtomicBool::new(false),
+            wake: Notify::new(),
+            keys: Mutex::new(HashMap::new()),
+        });
+        (engine, rx)
+    }
+
+    fn buffer(&self) -> usize {
+        self.settings.max_in_flight * 4
+    }
+
+    fn lease(&self) -> Lease {
+        Lease {
+            owner: self.settings.node_id.clone(),
+            until: now_ms() + self.settings.lease.as_millis() as i64,
+        }
+    }
+
+    /// Commits the events and their deliveries, then hands the deliveries to this node's dispatcher.
+    /// Returns only after the commit: an acknowledged event is never lost.
+    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<PublishOutcome>> {
+        let room = self.settings.workers && self.held.load(Ordering::Relaxed) < self.buffer();
+        let mut outcomes = self
+            .store
+            .publish(events, room.then(|| self.lease()))
+            .await?;
+        let mut unleased = false;
+        for o in &mut outcomes {
+            if o.duplicate {
+                self.metrics
+                    .events_duplicate
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.metrics.events_accepted.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .deliveries_created
+                .fetch_add(o.deliveries as u64, Ordering::Relaxed);
+            unleased |= o.jobs.len() as i64 != o.deliveries;
+            for job in o.jobs.drain(..) {
+                self.enqueue(job);
+            }
+        }
+        if unleased {
+            self.wake.notify_one();
+        }
+        Ok(outcomes)
+    }
+
+    fn enqueue(&self, job: DeliveryJob) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+        if self.queue.send(job).is_err() {
+            // The dispatcher has stopped (shutdown); the lease is released and the delivery waits in the database.
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wakes the scheduler: operators asked for deliveries to be attempted now.
+    pub fn kick(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Forgets the cached keys of an application after a new key was created.
+    pub fn signing_keys_changed(&self, app_id: i64) {
+        if let Ok(mut keys) = self.keys.lock() {
+            keys.remove(&app_id);
+        }
+    }
+
+    /// The application's newest secret key whose validFrom has passed.
+    async fn app_key(&self, app_id: i64) -> Option<String> {
+        let cached = self.keys.lock().ok().and_then(|k| {
+            k.get(&app_id)
+                .filter(|(at, _)| at.elapsed() < KEY_CACHE_TTL)
+                .map(|(_, keys)| keys.clone())
+        });
+        let keys = match cached {
+            Some(k) => k,
+            None => {
+                let fresh = Arc::new(self.store.secret_keys(app_id).await.ok()?);
+                if let Ok(mut k) = self.keys.lock() {
+                    k.insert(app_id, (Instant::now(), fresh.clone()));
+                }
+                fresh
+            }
+        };
+        let now = now_ms();
+        keys.iter()
+            .filter(|k| k.valid_from <= now)
+            .max_by_key(|k| (k.valid_from, k.id))
+            .map(|k| k.value.clone())
+    }
+
+    /// Starts the dispatcher, the result recorder and the scheduler. The returned handle finishes once shutdown
+    /// has drained in-flight attempts (within the grace period), recorded their results and released leases.
+    pub fn start(
+        self: &Arc<Self>,
+        rx: mpsc::UnboundedReceiver<DeliveryJob>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let (results_tx, results_rx) = mpsc::unbounded_channel();
+            let recorder = tokio::spawn(engine.clone().record(results_rx));
+            let scheduler = tokio::spawn(engine.clone().schedule(shutdown.clone()));
+            let attempts = TaskTracker::new();
+            engine
+                .clone()
+                .dispatch(rx, results_tx, &attempts, shutdown)
+                .await;
+            attempts.close();
+            if tokio::time::timeout(engine.settings.shutdown_grace, attempts.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("attempts still in flight after the shutdown grace period; they will be retried");
+            }
+            let _ = scheduler.await;
+            let _ = recorder.await;
+            match engine
+                .store
+                .release_leases(Some(&engine.settings.node_id))
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::info!(released = n, "returned unstarted deliveries to the queue")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release leases; they expire on their own")
+                }
+            }
+        })
+    }
+
+    async fn dispatch(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<DeliveryJob>,
+        results: mpsc::UnboundedSender<AttemptRecord>,
+        attempts: &TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.settings.max_in_flight));
+        loop {
+            let job = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                job = rx.recv() => match job { Some(j) => j, None => break },
+            };
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let engine = self.clone();
+            let results = results.clone();
+            attempts.spawn(async move {
+                let record = engine.attempt(&job).await;
+                let _ = results.send(record);
+                engine.held.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+
+    async fn attempt(&self, job: &DeliveryJob) -> AttemptRecord {
+        let key = match &job.webhook_secret {
+            Some(k) => Some(k.clone()),
+            None => self.app_key(job.app_id).await,
+        };
+        let attempt = Attempt {
+            client: &self.settings.client,
+            policy: &self.settings.retry,
+            node: &self.settings.node_id,
+            standard_webhooks: self.settings.standard_webhooks,
+        };
+        let record = attempt.run(job, key.as_deref()).await;
+        let (idx, label) = match record.outcome {
+            Outcome::Delivered => (0, "delivered"),
+            Outcome::RetryAt(_) => (1, "retry"),
+            Outcome::Failed => (2, "failed"),
+            Outcome::Gone => (3, "gone"),
+        };
+        self.metrics
+            .attempt(idx, record.duration_ms as f64 / 1000.0);
+        if record.outcome == Outcome::Delivered {
+            tracing::debug!(event_key = %job.event_key, delivery_id = job.id, attempt = record.number, "delivered");
+        } else {
+            tracing::info!(
+                event_key = %job.event_key, delivery_id = job.id, attempt = record.number, outcome = label,
+                status = record.status_code, error = record.error.as_deref().unwrap_or(""), "delivery attempt failed"
+            );
+        }
+        record
+    }
+
+    /// Writes attempt results in batches. A failed write is retried until it succeeds: the lease keeps the
+    /// delivery from being attempted elsewhere meanwhile, and if this process dies the lease expires instead.
+    async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<AttemptRecord>) {
+        let disable_after = self.settings.disable_after.as_millis() as i64;
+        let mut batch = Vec::with_capacity(1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            let retries = batch
+                .iter()
+                .any(|r| matches!(r.outcome, Outcome::RetryAt(_)));
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self
+                    .store
+                    .record_attempts(batch.clone(), disable_after)
+                    .await
+                {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, pending = batch.len(), "recording attempts failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            batch.clear();
+            if retries || self.starved.load(Ordering::Relaxed) {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Claims due deliveries from the database whenever there is room in memory.
+    async fn schedule(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let room = self
+                .buffer()
+                .saturating_sub(self.held.load(Ordering::Relaxed));
+            let mut wait = self.settings.poll_interval;
+            if room == 0 {
+                self.starved.store(true, Ordering::Relaxed);
+            } else {
+                let limit = room.min(CLAIM_BATCH);
+                match self
+                    .store
+                    .claim_due(now_ms(), &self.lease(), limit as i64)
+                    .await
+                {
+                    Ok(jobs) => {
+                        let full = jobs.len() == limit;
+                        for job in jobs {
+                            self.enqueue(job);
+                        }
+                        self.starved.store(full, Ordering::Relaxed);
+                        if full {
+                            continue;
+                        }
+                        match self.store.next_due(now_ms()).await {
+                            Ok(Some(at)) => {
+                                let ms = (at - now_ms()).max(0) as u64;
+                                wait = wait.min(Duration::from_millis(ms));
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reading the next due delivery failed")
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming due deliveries failed; will try again")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The one error type of the service and its GoTo-style body:
+//! `{"errorCode": "...", "description": "...", "incident": "..."}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidCallbackUrl(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The body of every 4xx and 5xx answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub error_code: String,
+    pub description: String,
+    pub incident: String,
+}
+
+impl Error {
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Error::BadRequest(msg.into())
+    }
+
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Error::NotFound(msg.into())
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
+            Error::InvalidCallbackUrl(_) => (StatusCode::BAD_REQUEST, "InvalidCallbackUrl"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
+            Error::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
+            Error::Forbidden(_) => (StatusCode::FORBIDDEN, "InvalidToken"),
+            Error::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
+            }
+            Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
+            Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
+            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            Error::Database(_) | Error::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
+            }
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        let incident = uuid::Uuid::new_v4().to_string();
+        let description = if status.is_server_error() {
+            // Internal detail goes to the log under the incident id, never to the client.
+            tracing::error!(%incident, error = %self, "request failed");
+            match self {
+                Error::Unavailable(msg) => msg,
+                _ => "internal error; quote the incident id when reporting it".to_string(),
+            }
+        } else {
+            tracing::info!(%incident, status = status.as_u16(), error = %self, "request refused");
+            self.to_string()
+        };
+        let body = ErrorBody {
+            error_code: code.to_string(),
+            description,
+            incident,
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}

@@ -1,0 +1,123 @@
+//! The HTTP surface: the GoTo management API under `/G2W/rest/v2`, the admin API under `/admin/v1`, and the
+//! operational endpoints (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::callback::{self, Policy};
+use crate::delivery::Engine;
+use crate::domain::now_ms;
+use crate::error::{Error, Result};
+use crate::store::DynStore;
+
+pub mod admin;
+pub mod extract;
+pub mod subscriptions;
+pub mod webhooks;
+
+/// The contract's base path.
+pub const API_BASE: &str = "/G2W/rest/v2";
+pub const ADMIN_BASE: &str = "/admin/v1";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: DynStore,
+    pub engine: Arc<Engine>,
+    pub policy: Policy,
+    /// Client for callback validation GETs.
+    pub check_client: reqwest::Client,
+    /// SHA-256 of the admin token; None disables the admin API.
+    pub admin_token_hash: Option<Vec<u8>>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "g2w-webhooks", description = "GoToWebinar Webhooks API: management (the GoTo contract and its real-service forms) and the admin API that publishes events and repairs deliveries."),
+    tags((name = "Webhooks"), (name = "User Subscriptions"), (name = "Admin")),
+    components(schemas(crate::error::ErrorBody))
+)]
+struct ApiDoc;
+
+/// The router and its OpenAPI document, built from the same route table so they cannot drift.
+pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let mut doc = ApiDoc::openapi();
+    doc.servers = Some(vec![utoipa::openapi::server::Server::new(API_BASE)]);
+    OpenApiRouter::with_openapi(doc)
+        .nest(API_BASE, webhooks::router().merge(subscriptions::router()))
+        .nest(ADMIN_BASE, admin::router())
+        .split_for_parts()
+}
+
+pub fn app(state: AppState) -> Router {
+    let (api, doc) = routes();
+    let doc = Arc::new(doc);
+    api.route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(doc.as_ref().clone()) }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY))
+        .with_state(state)
+}
+
+/// A worker node's surface: health and metrics only.
+pub fn ops_app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> Error {
+    Error::not_found(format!("no resource at {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Error {
+    Error::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<&'static str> {
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|e| Error::Unavailable(format!("the database does not answer: {e}")))?;
+    Ok("ready")
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let stats = state.store.queue_stats().await.unwrap_or_default();
+    let body = state.engine.metrics.render(stats, now_ms());
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}
+
+/// Runs the address rules and the validation GET on each distinct callback URL.
+pub async fn validate_callbacks<'a>(
+    state: &AppState,
+    urls: impl Iterator<Item = &'a str>,
+) -> Result<()> {
+    let distinct: BTreeSet<&str> = urls.collect();
+    for url in distinct {
+        callback::validate(&state.check_client, url, state.policy).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! g2w-webhooks: the GoToWebinar Webhooks API (management) and a durable, signed delivery engine.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub mod callback;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod signing;
+pub mod store;
+
+use config::ServeArgs;
+use delivery::attempt::RetryPolicy;
+use delivery::{Engine, Settings};
+use domain::Tenant;
+use store::DynStore;
+
+/// The dev application's name and organizer.
+pub const DEV_APP: &str = "dev";
+pub const DEV_ORGANIZER: i64 = 1000;
+
+/// Which parts a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// API and workers (`serve`).
+    All,
+    /// API only (`serve --no-worker`).
+    Api,
+    /// Workers only (`worker`), with health and metrics.
+    Worker,
+}
+
+/// Tokens of dev mode, derived from a seed stored in the database so every restart prints the same ones.
+#[derive(Debug, Clone)]
+pub struct DevTokens {
+    pub bearer: String,
+    pub admin: String,
+}
+
+async fn dev_tokens(store: &DynStore) -> anyhow::Result<DevTokens> {
+    let fresh: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let seed = store.meta_get_or_insert("dev_seed", &fresh).await?;
+    let derive = |label: &str| {
+        let mut m =
+            Hmac::<Sha256>::new_from_slice(seed.as_bytes()).expect("HMAC accepts any key length");
+        m.update(label.as_bytes());
+        m.finalize().into_bytes()[..20]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let bearer = format!("g2wdev_{}", derive("organizer-token"));
+    let app_id = store.ensure_app(DEV_APP).await?;
+    store
+        .insert_token(
+            &http::extract::hash_token(&bearer),
+            Tenant {
+                app_id,
+                organizer_key: DEV_ORGANIZER,
+            },
+        )
+        .await?;
+    Ok(DevTokens {
+        bearer,
+        admin: format!("g2wadmin_{}", derive("admin-token")),
+    })
+}
+
+/// Runs a node until `shutdown` is cancelled: serves HTTP on `listener` and, unless `role` is `Api`, delivers.
+/// Returns after in-flight attempts have finished (within the grace period) and leases were released.
+pub async fn run(
+    args: ServeArgs,
+    role: Role,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = store::connect(
+        &args.db.database_url,
+        args.db_pool,
+        &args.sqlite_synchronous,
+    )
+    .await
+    .context("opening the database")?;
+    if args.db.database_url.starts_with("sqlite:") {
+        // One process owns a SQLite file: whatever a previous run left leased was in flight when it stopped.
+        let resumed = store.release_leases(None).await?;
+        if resumed > 0 {
+            tracing::info!(
+                resumed,
+                "resuming deliveries that were in flight when the last run stopped"
+            );
+        }
+    }
+    let policy = if args.dev {
+        callback::Policy::AllowPrivate
+    } else {
+        callback::Policy::Public
+    };
+    let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
+    if args.dev {
+        let dev = dev_tokens(&store).await?;
+        let admin = admin_token.get_or_insert(dev.admin).clone();
+        print_dev_banner(&listener, &dev.bearer, &admin);
+    }
+    let node_id = format!("node-{}", &uuid::Uuid::new_v4().to_string()[..8]);
+    let settings = Settings {
+        node_id,
+        workers: role != Role::Api,
+        max_in_flight: args.max_in_flight.max(1),
+        retry: RetryPolicy {
+            schedule: args.retry_schedule.0.clone(),
+        },
+        attempt_timeout: args.attempt_timeout,
+        disable_after: args.disable_after,
+        standard_webhooks: args.standard_webhooks,
+        lease: args.lease,
+        poll_interval: args.poll_interval,
+        shutdown_grace: args.shutdown_grace,
+        client: callback::client(policy, args.attempt_timeout, args.max_in_flight.max(1)),
+    };
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (engine, rx) = Engine::new(store.clone(), settings, metrics);
+    let workers = (role != Role::Api).then(|| engine.start(rx, shutdown.child_token()));
+    let state = http::AppState {
+        store,
+        engine,
+        policy,
+        check_client: callback::client(policy, args.callback_check_timeout, 4),
+        admin_token_hash: admin_token.map(|t| Sha256::digest(t.as_bytes()).to_vec()),
+    };
+    let app = match role {
+        Role::Worker => http::ops_app(state),
+        _ => http::app(state),
+    };
+    tracing::info!(addr = %listener.local_addr()?, ?role, "listening");
+    let stop = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    if let Some(w) = workers {
+        w.await?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn print_dev_banner(listener: &TcpListener, bearer: &str, admin: &str) {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    println!(
+        "\ng2w-webhooks is running in dev mode (http:// and private callback URLs allowed)\n\
+         \n  API          http://{addr}{base}\
+         \n  bearer token {bearer}   (application \"{DEV_APP}\", organizerKey {DEV_ORGANIZER})\
+         \n  admin token  {admin}\
+         \n\n  export G2W_TOKEN={bearer} G2W_ADMIN_TOKEN={admin}\
+         \n  curl -s -H \"Authorization: Bearer $G2W_TOKEN\" \"http://{addr}{base}/webhooks?product=g2w\"\n",
+        base = http::API_BASE
+    );
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

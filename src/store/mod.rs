@@ -1,0 +1,235 @@
+//! Storage: one trait, filled by SQLite (the embedded default) and PostgreSQL (several nodes, one database).
+//! Every management query takes the caller's tenant, so no query can forget whose data it touches.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::domain::{
+    EventName, NewSubscription, NewWebhook, SecretKey, Subscription, SubscriptionChange, Tenant,
+    Webhook, WebhookChange,
+};
+use crate::error::{Error, Result};
+
+pub mod sqlite;
+
+/// An event accepted for publishing: its key, owner and the exact bytes subscribers receive.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_key: String,
+    pub organizer_key: i64,
+    pub event_name: EventName,
+    pub body: Bytes,
+}
+
+/// What publishing one event did.
+#[derive(Debug, Clone)]
+pub struct PublishOutcome {
+    pub event_key: String,
+    pub deliveries: i64,
+    /// True when the eventKey was already published: nothing new was created.
+    pub duplicate: bool,
+    /// Deliveries created and leased to this node, ready to attempt.
+    pub jobs: Vec<DeliveryJob>,
+}
+
+/// A lease on deliveries: who holds them and until when.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub owner: String,
+    pub until: i64,
+}
+
+/// Everything the dispatcher needs to attempt one delivery.
+#[derive(Debug, Clone)]
+pub struct DeliveryJob {
+    pub id: i64,
+    pub event_key: String,
+    pub app_id: i64,
+    pub subscription_key: String,
+    pub url: String,
+    pub body: Bytes,
+    /// The webhook's own secret key, which takes precedence over the application's.
+    pub webhook_secret: Option<String>,
+    /// Attempts made before this one.
+    pub attempts: i64,
+}
+
+/// How an attempt ended and what happens next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    RetryAt(i64),
+    Failed,
+    /// 410 Gone: the delivery fails and the subscription is deactivated.
+    Gone,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub delivery_id: i64,
+    pub subscription_key: String,
+    pub number: i64,
+    pub node: String,
+    pub started_at: i64,
+    pub duration_ms: i64,
+    pub status_code: Option<i64>,
+    pub error: Option<String>,
+    pub response_excerpt: Option<String>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub state: Option<String>,
+    pub webhook_key: Option<String>,
+    pub subscription_key: Option<String>,
+    pub event_name: Option<String>,
+    pub event_key: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// Return deliveries with an id below this one (cursor pagination, newest first).
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub event_key: String,
+    pub event_name: String,
+    pub webhook_key: String,
+    pub subscription_key: String,
+    pub url: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRow {
+    pub number: i64,
+    pub node: String,
+    pub started_at: i64,
+    pub duration_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_excerpt: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueStats {
+    pub waiting: i64,
+    pub oldest_waiting_created_at: Option<i64>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The database answers.
+    async fn ping(&self) -> Result<()>;
+
+    // --- tenancy ---
+    async fn ensure_app(&self, name: &str) -> Result<i64>;
+    async fn insert_token(&self, token_hash: &str, tenant: Tenant) -> Result<()>;
+    /// Revokes a token; false when no live token has that hash.
+    async fn revoke_token(&self, token_hash: &str) -> Result<bool>;
+    async fn find_token(&self, token_hash: &str) -> Result<Option<Tenant>>;
+    /// Returns the stored value for `key`, storing `value` first if there is none.
+    async fn meta_get_or_insert(&self, key: &str, value: &str) -> Result<String>;
+
+    // --- secret keys ---
+    async fn create_secret_key(
+        &self,
+        app_id: i64,
+        value: &str,
+        valid_from: i64,
+    ) -> Result<SecretKey>;
+    async fn secret_keys(&self, app_id: i64) -> Result<Vec<SecretKey>>;
+
+    // --- webhooks (scoped to the application) ---
+    async fn create_webhooks(&self, app_id: i64, new: Vec<NewWebhook>) -> Result<Vec<Webhook>>;
+    async fn get_webhook(&self, app_id: i64, key: &str) -> Result<Option<Webhook>>;
+    async fn list_webhooks(&self, app_id: i64) -> Result<Vec<Webhook>>;
+    /// Applies every change or none; NotFound names the first key the application does not own.
+    async fn update_webhooks(&self, app_id: i64, changes: Vec<WebhookChange>) -> Result<()>;
+    /// Deletes the application's webhooks among `keys` and their subscriptions; other keys are ignored.
+    async fn delete_webhooks(&self, app_id: i64, keys: &[String]) -> Result<()>;
+
+    // --- user subscriptions (scoped to application and organizer) ---
+    async fn create_subscriptions(
+        &self,
+        tenant: Tenant,
+        new: Vec<NewSubscription>,
+    ) -> Result<Vec<Subscription>>;
+    async fn get_subscription(&self, tenant: Tenant, key: &str) -> Result<Option<Subscription>>;
+    async fn list_subscriptions(&self, tenant: Tenant) -> Result<Vec<Subscription>>;
+    async fn update_subscriptions(
+        &self,
+        tenant: Tenant,
+        changes: Vec<SubscriptionChange>,
+    ) -> Result<()>;
+    /// Deletes the tenant's subscriptions among `keys`; returns how many went.
+    async fn delete_subscriptions(&self, tenant: Tenant, keys: &[String]) -> Result<u64>;
+
+    // --- delivery ---
+    /// Commits events and their deliveries atomically (idempotent on eventKey) before answering.
+    async fn publish(
+        &self,
+        events: Vec<NewEvent>,
+        lease: Option<Lease>,
+    ) -> Result<Vec<PublishOutcome>>;
+    /// Leases up to `limit` due deliveries to `lease.owner`.
+    async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>>;
+    /// When the next unleased pending delivery comes due (None: nothing waits).
+    async fn next_due(&self, now: i64) -> Result<Option<i64>>;
+    /// Records attempts and their consequences in one transaction.
+    async fn record_attempts(
+        &self,
+        results: Vec<AttemptRecord>,
+        disable_after_ms: i64,
+    ) -> Result<()>;
+    /// Returns this node's leases to the pool (shutdown; on SQLite also start-up, where one node owns the file).
+    async fn release_leases(&self, owner: Option<&str>) -> Result<u64>;
+    async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryRow>>;
+    async fn get_delivery(&self, id: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>>;
+    /// Makes matching deliveries pending and due now; returns how many.
+    async fn retry_deliveries(&self, filter: RetryTarget<'_>) -> Result<u64>;
+    async fn queue_stats(&self) -> Result<QueueStats>;
+}
+
+/// Which deliveries an operator asks to attempt again.
+#[derive(Debug, Clone, Copy)]
+pub enum RetryTarget<'a> {
+    Delivery(i64),
+    Event(&'a str),
+    FailedOfSubscription(&'a str),
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store the URL names, creating and migrating it.
+pub async fn connect(url: &str, pool_size: u32, synchronous: &str) -> Result<DynStore> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(
+            sqlite::SqliteStore::open(url, pool_size, synchronous).await?,
+        ))
+    } else {
+        Err(Error::bad_request(format!(
+            "unsupported database URL `{}`: use sqlite://FILE",
+            url.split(':').next().unwrap_or_default()
+        )))
+    }
+}
