@@ -92,13 +92,8 @@ impl Resolve for PublicOnlyResolver {
     fn resolve(&self, name: Name) -> Resolving {
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let public: Vec<SocketAddr> = addrs
-                .iter()
-                .copied()
-                .filter(|a| !is_internal(a.ip()))
-                .collect();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = addrs.iter().copied().filter(|a| !is_internal(a.ip())).collect();
             if public.is_empty() {
                 let shown = addrs
                     .first()
@@ -136,11 +131,7 @@ pub async fn validate(client: &reqwest::Client, raw: &str, policy: Policy) -> Re
             let port = url.port_or_known_default().unwrap_or(443);
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
                 .await
-                .map_err(|e| {
-                    Error::InvalidCallbackUrl(format!(
-                        "callbackUrl {raw}: cannot resolve {host}: {e}"
-                    ))
-                })?
+                .map_err(|e| Error::InvalidCallbackUrl(format!("callbackUrl {raw}: cannot resolve {host}: {e}")))?
                 .collect();
             if let Some(a) = addrs.iter().find(|a| is_internal(a.ip())) {
                 return Err(Error::InvalidCallbackUrl(format!(

@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::config::{AdminClientArgs, Command, DeliveriesCommand, TokenCommand, TriggerArgs};
-use crate::domain::{format_ms, now_ms, EventName, Tenant};
+use crate::domain::{format_ms, now_ms, EventName};
 use crate::http::extract::hash_token;
 use crate::store;
 
@@ -17,18 +17,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Create { app, organizer, db }) => {
             let store = store::connect(&db.database_url, 1, "full").await?;
-            let app_id = store.ensure_app(&app).await?;
-            let token = new_token();
-            store
-                .insert_token(
-                    &hash_token(&token),
-                    Tenant {
-                        app_id,
-                        organizer_key: organizer,
-                    },
-                )
-                .await?;
-            println!("{token}");
+            println!("{}", crate::issue_token(&store, &app, organizer).await?);
             Ok(())
         }
         Command::Token(TokenCommand::Revoke { token, db }) => {
@@ -57,10 +46,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 /// A new bearer token: 160 random bits, hex.
 pub fn new_token() -> String {
     let bytes: [u8; 20] = rand::random();
-    format!(
-        "g2w_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    format!("g2w_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 async fn admin_call(
@@ -69,17 +55,16 @@ async fn admin_call(
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<()> {
-    let token = admin.admin_token.as_deref().context(
-        "the admin token is needed: --admin-token or G2W_ADMIN_TOKEN (serve --dev prints it)",
-    )?;
+    let token = admin
+        .admin_token
+        .as_deref()
+        .context("the admin token is needed: --admin-token or G2W_ADMIN_TOKEN (serve --dev prints it)")?;
     let url = format!(
         "{}{}{path}",
         admin.server.trim_end_matches('/'),
         crate::http::ADMIN_BASE
     );
-    let mut req = reqwest::Client::new()
-        .request(method, &url)
-        .bearer_auth(token);
+    let mut req = reqwest::Client::new().request(method, &url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -128,27 +113,12 @@ async fn deliveries(cmd: DeliveriesCommand) -> anyhow::Result<()> {
             .await
         }
         DeliveriesCommand::Get { id, admin } => {
-            admin_call(
-                &admin,
-                reqwest::Method::GET,
-                &format!("/deliveries/{id}"),
-                None,
-            )
-            .await
+            admin_call(&admin, reqwest::Method::GET, &format!("/deliveries/{id}"), None).await
         }
         DeliveriesCommand::Retry { id, admin } => {
-            admin_call(
-                &admin,
-                reqwest::Method::POST,
-                &format!("/deliveries/{id}/retry"),
-                None,
-            )
-            .await
+            admin_call(&admin, reqwest::Method::POST, &format!("/deliveries/{id}/retry"), None).await
         }
-        DeliveriesCommand::RetryFailed {
-            subscription,
-            admin,
-        } => {
+        DeliveriesCommand::RetryFailed { subscription, admin } => {
             admin_call(
                 &admin,
                 reqwest::Method::POST,
@@ -218,7 +188,10 @@ pub fn sample_event(name: EventName, organizer: i64) -> Value {
 
 async fn trigger(t: TriggerArgs) -> anyhow::Result<()> {
     let name = EventName::parse(&t.event).with_context(|| {
-        format!("unknown event `{}`: use registrant.added, registrant.joined, webinar.created or webinar.changed", t.event)
+        format!(
+            "unknown event `{}`: use registrant.added, registrant.joined, webinar.created or webinar.changed",
+            t.event
+        )
     })?;
     let mut event = sample_event(name, t.organizer);
     for set in &t.set {

@@ -55,11 +55,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
     /// Database URL: `sqlite://FILE` (embedded default) or `postgres://...` for several nodes.
-    #[arg(
-        long,
-        env = "G2W_DATABASE_URL",
-        default_value = "sqlite://g2w-webhooks.db"
-    )]
+    #[arg(long, env = "G2W_DATABASE_URL", default_value = "sqlite://g2w-webhooks.db")]
     pub database_url: String,
 }
 
@@ -236,11 +232,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         "h" => n * 3600.0,
         "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "`{s}` has unknown unit `{unit}`; use ms, s, m, h or d"
-            ))
-        }
+        _ => return Err(format!("`{s}` has unknown unit `{unit}`; use ms, s, m, h or d")),
     };
     Ok(Duration::from_secs_f64(secs))
 }
@@ -249,22 +241,13 @@ pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
     if s.trim().is_empty() {
         return Ok(Schedule(Vec::new()));
     }
-    s.split(',')
-        .map(parse_duration)
-        .collect::<Result<_, _>>()
-        .map(Schedule)
+    s.split(',').map(parse_duration).collect::<Result<_, _>>().map(Schedule)
 }
 
 impl ServeArgs {
     /// Settings for tests and embedding: defaults, dev mode, the given database.
     pub fn for_database(database_url: &str) -> Self {
-        let cli = Cli::parse_from([
-            "g2w-webhooks",
-            "serve",
-            "--dev",
-            "--database-url",
-            database_url,
-        ]);
+        let cli = Cli::parse_from(["g2w-webhooks", "serve", "--dev", "--database-url", database_url]);
         match cli.command {
             Command::Serve(args) => args,
             _ => unreachable!("parsed a serve command"),

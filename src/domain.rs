@@ -51,9 +51,7 @@ impl EventName {
             EventName::RegistrantAdded | EventName::RegistrantJoined => {
                 &["webinarCreatorKey", "webinarKey", "registrantKey"]
             }
-            EventName::WebinarCreated | EventName::WebinarChanged => {
-                &["organizerKey", "webinarKey"]
-            }
+            EventName::WebinarCreated | EventName::WebinarChanged => &["organizerKey", "webinarKey"],
         }
     }
 }
@@ -146,9 +144,7 @@ pub struct Subscription {
 impl Subscription {
     /// Where deliveries go: the subscription's URL, else its webhook's.
     pub fn effective_callback_url(&self) -> &str {
-        self.callback_url
-            .as_deref()
-            .unwrap_or(&self.webhook.callback_url)
+        self.callback_url.as_deref().unwrap_or(&self.webhook.callback_url)
     }
 
     /// ACTIVE only when both the webhook and the subscription are, derived on every read.

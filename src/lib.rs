@@ -29,6 +29,16 @@ use store::DynStore;
 pub const DEV_APP: &str = "dev";
 pub const DEV_ORGANIZER: i64 = 1000;
 
+/// Issues a new bearer token for an application (created if new) and organizer; only its hash is stored.
+pub async fn issue_token(store: &DynStore, app: &str, organizer_key: i64) -> error::Result<String> {
+    let app_id = store.ensure_app(app).await?;
+    let token = cli::new_token();
+    store
+        .insert_token(&http::extract::hash_token(&token), Tenant { app_id, organizer_key })
+        .await?;
+    Ok(token)
+}
+
 /// Which parts a node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -48,13 +58,10 @@ pub struct DevTokens {
 }
 
 async fn dev_tokens(store: &DynStore) -> anyhow::Result<DevTokens> {
-    let fresh: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
+    let fresh: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     let seed = store.meta_get_or_insert("dev_seed", &fresh).await?;
     let derive = |label: &str| {
-        let mut m =
-            Hmac::<Sha256>::new_from_slice(seed.as_bytes()).expect("HMAC accepts any key length");
+        let mut m = Hmac::<Sha256>::new_from_slice(seed.as_bytes()).expect("HMAC accepts any key length");
         m.update(label.as_bytes());
         m.finalize().into_bytes()[..20]
             .iter()
@@ -86,13 +93,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = store::connect(
-        &args.db.database_url,
-        args.db_pool,
-        &args.sqlite_synchronous,
-    )
-    .await
-    .context("opening the database")?;
+    let store = store::connect(&args.db.database_url, args.db_pool, &args.sqlite_synchronous)
+        .await
+        .context("opening the database")?;
     if args.db.database_url.starts_with("sqlite:") {
         // One process owns a SQLite file: whatever a previous run left leased was in flight when it stopped.
         let resumed = store.release_leases(None).await?;
@@ -157,10 +160,7 @@ pub async fn run(
 }
 
 fn print_dev_banner(listener: &TcpListener, bearer: &str, admin: &str) {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     println!(
         "\ng2w-webhooks is running in dev mode (http:// and private callback URLs allowed)\n\
          \n  API          http://{addr}{base}\

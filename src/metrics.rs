@@ -32,8 +32,7 @@ impl Metrics {
             }
         }
         self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_us
-            .fetch_add((seconds * 1e6) as u64, Relaxed);
+        self.latency_sum_us.fetch_add((seconds * 1e6) as u64, Relaxed);
     }
 
     pub fn attempts_with(&self, outcome: &str) -> u64 {
@@ -66,7 +65,10 @@ impl Metrics {
             "Deliveries created by fan-out.",
             self.deliveries_created.load(Relaxed),
         );
-        let _ = writeln!(s, "# HELP g2w_attempts_total Delivery attempts by outcome.\n# TYPE g2w_attempts_total counter");
+        let _ = writeln!(
+            s,
+            "# HELP g2w_attempts_total Delivery attempts by outcome.\n# TYPE g2w_attempts_total counter"
+        );
         for (i, o) in OUTCOMES.iter().enumerate() {
             let _ = writeln!(
                 s,
@@ -87,10 +89,7 @@ impl Metrics {
             );
         }
         let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(
-            s,
-            "g2w_attempt_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
+        let _ = writeln!(s, "g2w_attempt_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(
             s,
             "g2w_attempt_duration_seconds_sum {}",

@@ -69,12 +69,7 @@ mod tests {
         let sig = sign(KEY, TS, BODY.as_bytes());
         assert!(verify(KEY, TS, BODY.as_bytes(), &sig));
         assert!(!verify(KEY, TS, b"{}", &sig));
-        assert!(!verify(
-            KEY,
-            "2019-04-04T05:47:04.518Z",
-            BODY.as_bytes(),
-            &sig
-        ));
+        assert!(!verify(KEY, "2019-04-04T05:47:04.518Z", BODY.as_bytes(), &sig));
         assert!(!verify("other", TS, BODY.as_bytes(), &sig));
         assert!(!verify(KEY, TS, BODY.as_bytes(), "not base64!"));
     }

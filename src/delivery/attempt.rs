@@ -23,20 +23,11 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// What follows attempt `number` (1-based) that did not succeed.
-    pub fn after_failure(
-        &self,
-        number: i64,
-        status: Option<u16>,
-        retry_after: Option<Duration>,
-        now: i64,
-    ) -> Outcome {
+    pub fn after_failure(&self, number: i64, status: Option<u16>, retry_after: Option<Duration>, now: i64) -> Outcome {
         if status == Some(410) {
             return Outcome::Gone;
         }
-        let Some(base) = usize::try_from(number - 1)
-            .ok()
-            .and_then(|i| self.schedule.get(i))
-        else {
+        let Some(base) = usize::try_from(number - 1).ok().and_then(|i| self.schedule.get(i)) else {
             return Outcome::Failed;
         };
         let delay = match (status, retry_after) {
@@ -81,10 +72,7 @@ impl Attempt<'_> {
             .header(CONTENT_TYPE, "application/json")
             .header("X-Webhook-Signature-Timestamp", &timestamp);
         if let Some(key) = key {
-            req = req.header(
-                "X-Webhook-Signature",
-                signing::sign(key, &timestamp, &job.body),
-            );
+            req = req.header("X-Webhook-Signature", signing::sign(key, &timestamp, &job.body));
             if self.standard_webhooks {
                 let secs = started_at / 1000;
                 req = req
@@ -119,8 +107,9 @@ impl Attempt<'_> {
                 // Read at most the excerpt; a body cut short by the timeout does not change the outcome.
                 while excerpt.len() < EXCERPT {
                     match res.chunk().await {
-                        Ok(Some(chunk)) => excerpt
-                            .extend_from_slice(&chunk[..chunk.len().min(EXCERPT - excerpt.len())]),
+                        Ok(Some(chunk)) => {
+                            excerpt.extend_from_slice(&chunk[..chunk.len().min(EXCERPT - excerpt.len())])
+                        }
                         _ => break,
                     }
                 }

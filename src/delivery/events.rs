@@ -27,17 +27,18 @@ const KEY_FIELDS: [&str; 6] = [
 /// Parses a publish body: one event object or an array of up to `MAX_BATCH`.
 pub fn parse_batch(body: &[u8]) -> Result<Vec<NewEvent>> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    let raws: Vec<&RawValue> = match first {
-        None => {
-            return Err(Error::bad_request(
-                "a JSON body is required: one event or an array of events",
-            ))
-        }
-        Some(b'[') => serde_json::from_slice(body)
-            .map_err(|e| Error::bad_request(format!("the body is not valid JSON: {e}")))?,
-        Some(_) => vec![serde_json::from_slice(body)
-            .map_err(|e| Error::bad_request(format!("the body is not valid JSON: {e}")))?],
-    };
+    let raws: Vec<&RawValue> =
+        match first {
+            None => {
+                return Err(Error::bad_request(
+                    "a JSON body is required: one event or an array of events",
+                ))
+            }
+            Some(b'[') => serde_json::from_slice(body)
+                .map_err(|e| Error::bad_request(format!("the body is not valid JSON: {e}")))?,
+            Some(_) => vec![serde_json::from_slice(body)
+                .map_err(|e| Error::bad_request(format!("the body is not valid JSON: {e}")))?],
+        };
     if raws.is_empty() {
         return Err(Error::bad_request("body: the array holds no events"));
     }
@@ -50,16 +51,7 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<NewEvent>> {
     let many = raws.len() > 1 || first == Some(&b'[');
     raws.iter()
         .enumerate()
-        .map(|(i, raw)| {
-            parse_event(
-                raw,
-                if many {
-                    format!("[{i}].")
-                } else {
-                    String::new()
-                },
-            )
-        })
+        .map(|(i, raw)| parse_event(raw, if many { format!("[{i}].") } else { String::new() }))
         .collect()
 }
 
@@ -79,9 +71,7 @@ fn parse_event(raw: &RawValue, at: String) -> Result<NewEvent> {
     for field in KEY_FIELDS {
         if let Some(v) = fields.get(field) {
             if v.as_i64().is_none() {
-                return Err(bad(format!(
-                    "{field}: expected an integer (int64), found {v}"
-                )));
+                return Err(bad(format!("{field}: expected an integer (int64), found {v}")));
             }
         }
     }
@@ -171,10 +161,7 @@ mod tests {
                 r#"{"eventName":"webinar.deleted","organizerKey":1,"webinarKey":1}"#,
                 "unknown event",
             ),
-            (
-                r#"{"eventName":"webinar.created","webinarKey":1}"#,
-                "organizerKey",
-            ),
+            (r#"{"eventName":"webinar.created","webinarKey":1}"#, "organizerKey"),
             (
                 r#"{"eventName":"webinar.created","webinarKey":"1","organizerKey":1}"#,
                 "webinarKey: expected an integer",
@@ -195,8 +182,7 @@ mod tests {
         }
         let many = format!(
             "[{}]",
-            vec![r#"{"eventName":"webinar.created","webinarKey":1,"organizerKey":1}"#; 1001]
-                .join(",")
+            vec![r#"{"eventName":"webinar.created","webinarKey":1,"organizerKey":1}"#; 1001].join(",")
         );
         assert!(parse_batch(many.as_bytes())
             .expect_err("too many")

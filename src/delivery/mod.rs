@@ -7,16 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::{now_ms, SecretKey};
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::store::{
-    AttemptRecord, DeliveryJob, DynStore, Lease, NewEvent, Outcome, PublishOutcome,
-};
+use crate::store::{AttemptRecord, DeliveryJob, DynStore, Lease, NewEvent, Outcome, PublishOutcome};
 
 pub mod attempt;
 pub mod events;
@@ -94,16 +92,11 @@ impl Engine {
     /// Returns only after the commit: an acknowledged event is never lost.
     pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<PublishOutcome>> {
         let room = self.settings.workers && self.held.load(Ordering::Relaxed) < self.buffer();
-        let mut outcomes = self
-            .store
-            .publish(events, room.then(|| self.lease()))
-            .await?;
+        let mut outcomes = self.store.publish(events, room.then(|| self.lease())).await?;
         let mut unleased = false;
         for o in &mut outcomes {
             if o.duplicate {
-                self.metrics
-                    .events_duplicate
-                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics.events_duplicate.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             self.metrics.events_accepted.fetch_add(1, Ordering::Relaxed);
@@ -178,10 +171,7 @@ impl Engine {
             let recorder = tokio::spawn(engine.clone().record(results_rx));
             let scheduler = tokio::spawn(engine.clone().schedule(shutdown.clone()));
             let attempts = TaskTracker::new();
-            engine
-                .clone()
-                .dispatch(rx, results_tx, &attempts, shutdown)
-                .await;
+            engine.clone().dispatch(rx, results_tx, &attempts, shutdown).await;
             attempts.close();
             if tokio::time::timeout(engine.settings.shutdown_grace, attempts.wait())
                 .await
@@ -191,11 +181,7 @@ impl Engine {
             }
             let _ = scheduler.await;
             let _ = recorder.await;
-            match engine
-                .store
-                .release_leases(Some(&engine.settings.node_id))
-                .await
-            {
+            match engine.store.release_leases(Some(&engine.settings.node_id)).await {
                 Ok(n) if n > 0 => {
                     tracing::info!(released = n, "returned unstarted deliveries to the queue")
                 }
@@ -210,7 +196,7 @@ impl Engine {
     async fn dispatch(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<DeliveryJob>,
-        results: mpsc::UnboundedSender<AttemptRecord>,
+        results: mpsc::UnboundedSender<(AttemptRecord, OwnedSemaphorePermit)>,
         attempts: &TaskTracker,
         shutdown: CancellationToken,
     ) {
@@ -230,9 +216,9 @@ impl Engine {
             let results = results.clone();
             attempts.spawn(async move {
                 let record = engine.attempt(&job).await;
-                let _ = results.send(record);
-                engine.held.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
+                // The permit travels with the result and is released once the result is committed, so
+                // "in flight" means "sent and not yet recorded": what a crash can duplicate.
+                let _ = results.send((record, permit));
             });
         }
     }
@@ -255,8 +241,7 @@ impl Engine {
             Outcome::Failed => (2, "failed"),
             Outcome::Gone => (3, "gone"),
         };
-        self.metrics
-            .attempt(idx, record.duration_ms as f64 / 1000.0);
+        self.metrics.attempt(idx, record.duration_ms as f64 / 1000.0);
         if record.outcome == Outcome::Delivered {
             tracing::debug!(event_key = %job.event_key, delivery_id = job.id, attempt = record.number, "delivered");
         } else {
@@ -270,28 +255,24 @@ impl Engine {
 
     /// Writes attempt results in batches. A failed write is retried until it succeeds: the lease keeps the
     /// delivery from being attempted elsewhere meanwhile, and if this process dies the lease expires instead.
-    async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<AttemptRecord>) {
+    async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<(AttemptRecord, OwnedSemaphorePermit)>) {
         let disable_after = self.settings.disable_after.as_millis() as i64;
         let mut batch = Vec::with_capacity(1024);
         while rx.recv_many(&mut batch, 1024).await > 0 {
-            let retries = batch
-                .iter()
-                .any(|r| matches!(r.outcome, Outcome::RetryAt(_)));
+            let records: Vec<AttemptRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+            let retries = records.iter().any(|r| matches!(r.outcome, Outcome::RetryAt(_)));
             let mut backoff = Duration::from_millis(50);
             loop {
-                match self
-                    .store
-                    .record_attempts(batch.clone(), disable_after)
-                    .await
-                {
+                match self.store.record_attempts(records.clone(), disable_after).await {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, pending = batch.len(), "recording attempts failed; retrying");
+                        tracing::warn!(error = %e, pending = records.len(), "recording attempts failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }
+            self.held.fetch_sub(batch.len(), Ordering::Relaxed);
             batch.clear();
             if retries || self.starved.load(Ordering::Relaxed) {
                 self.wake.notify_one();
@@ -305,19 +286,13 @@ impl Engine {
             if shutdown.is_cancelled() {
                 break;
             }
-            let room = self
-                .buffer()
-                .saturating_sub(self.held.load(Ordering::Relaxed));
+            let room = self.buffer().saturating_sub(self.held.load(Ordering::Relaxed));
             let mut wait = self.settings.poll_interval;
             if room == 0 {
                 self.starved.store(true, Ordering::Relaxed);
             } else {
                 let limit = room.min(CLAIM_BATCH);
-                match self
-                    .store
-                    .claim_due(now_ms(), &self.lease(), limit as i64)
-                    .await
-                {
+                match self.store.claim_due(now_ms(), &self.lease(), limit as i64).await {
                     Ok(jobs) => {
                         let full = jobs.len() == limit;
                         for job in jobs {

@@ -75,11 +75,7 @@ pub struct DeliveryPage {
 
 fn time_param(q: &QueryMap, name: &str) -> Result<Option<i64>> {
     q.get(name)
-        .map(|v| {
-            parse_time(v).ok_or_else(|| {
-                Error::bad_request(format!("{name}: `{v}` is not an ISO-8601 date-time"))
-            })
-        })
+        .map(|v| parse_time(v).ok_or_else(|| Error::bad_request(format!("{name}: `{v}` is not an ISO-8601 date-time"))))
         .transpose()
 }
 
@@ -93,20 +89,14 @@ fn time_param(q: &QueryMap, name: &str) -> Result<Option<i64>> {
            ("limit" = Option<i64>, Query, description = "1 to 1000, default 100"),
            ("cursor" = Option<String>, Query)),
     responses((status = 200, body = DeliveryPage), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn list_deliveries(
-    State(state): State<AppState>,
-    _: Admin,
-    q: QueryMap,
-) -> Result<Json<DeliveryPage>> {
+async fn list_deliveries(State(state): State<AppState>, _: Admin, q: QueryMap) -> Result<Json<DeliveryPage>> {
     let limit = match q.get("limit") {
         None => 100,
         Some(v) => v
             .parse::<i64>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| {
-                Error::bad_request(format!("limit: `{v}` is not a number from 1 to 1000"))
-            })?,
+            .ok_or_else(|| Error::bad_request(format!("limit: `{v}` is not a number from 1 to 1000")))?,
     };
     if let Some(s) = q.get("state") {
         if !["pending", "delivered", "failed"].contains(&s) {
@@ -118,9 +108,8 @@ async fn list_deliveries(
     let before_id = q
         .get("cursor")
         .map(|c| {
-            c.parse::<i64>().map_err(|_| {
-                Error::bad_request(format!("cursor: `{c}` is not a cursor from this API"))
-            })
+            c.parse::<i64>()
+                .map_err(|_| Error::bad_request(format!("cursor: `{c}` is not a cursor from this API")))
         })
         .transpose()?;
     let filter = DeliveryFilter {
@@ -156,21 +145,13 @@ pub struct DeliveryDetail {
 #[utoipa::path(get, path = "/deliveries/{id}", operation_id = "getDelivery", tag = "Admin",
     params(("id" = i64, Path)),
     responses((status = 200, body = DeliveryDetail), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn get_delivery(
-    State(state): State<AppState>,
-    _: Admin,
-    Path(id): Path<String>,
-) -> Result<Json<DeliveryDetail>> {
+async fn get_delivery(State(state): State<AppState>, _: Admin, Path(id): Path<String>) -> Result<Json<DeliveryDetail>> {
     let found = match id.parse::<i64>() {
         Ok(n) => state.store.get_delivery(n).await?,
         Err(_) => None,
     };
-    let (delivery, attempt_log) =
-        found.ok_or_else(|| Error::not_found(format!("delivery {id} not found")))?;
-    Ok(Json(DeliveryDetail {
-        delivery,
-        attempt_log,
-    }))
+    let (delivery, attempt_log) = found.ok_or_else(|| Error::not_found(format!("delivery {id} not found")))?;
+    Ok(Json(DeliveryDetail { delivery, attempt_log }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -179,11 +160,7 @@ pub struct Retried {
     retried: u64,
 }
 
-async fn retry(
-    state: &AppState,
-    target: RetryTarget<'_>,
-    what: String,
-) -> Result<(StatusCode, Json<Retried>)> {
+async fn retry(state: &AppState, target: RetryTarget<'_>, what: String) -> Result<(StatusCode, Json<Retried>)> {
     let n = state.store.retry_deliveries(target).await?;
     if n == 0 && matches!(target, RetryTarget::Delivery(_) | RetryTarget::Event(_)) {
         return Err(Error::not_found(format!("{what} not found")));
@@ -216,12 +193,7 @@ async fn redeliver_event(
     _: Admin,
     Path(key): Path<String>,
 ) -> Result<(StatusCode, Json<Retried>)> {
-    retry(
-        &state,
-        RetryTarget::Event(&key),
-        format!("deliveries of event {key}"),
-    )
-    .await
+    retry(&state, RetryTarget::Event(&key), format!("deliveries of event {key}")).await
 }
 
 /// Attempt every failed delivery of a subscription again now.

@@ -21,15 +21,8 @@ pub const MAX_BODY: usize = 1024 * 1024;
 pub struct JsonBody(pub Option<Value>);
 
 fn is_json_type(ct: &str) -> bool {
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    mime == "application/json"
-        || mime == "text/json"
-        || (mime.starts_with("application/") && mime.ends_with("+json"))
+    let mime = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    mime == "application/json" || mime == "text/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
 /// The raw bytes of a JSON body, after the same Content-Type and size checks as `JsonBody`.
@@ -74,8 +67,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 
 impl JsonBody {
     pub fn required(self) -> Result<Value, Error> {
-        self.0
-            .ok_or_else(|| Error::bad_request("a JSON body is required"))
+        self.0.ok_or_else(|| Error::bad_request("a JSON body is required"))
     }
 }
 
@@ -143,12 +135,8 @@ pub struct Auth(pub Tenant);
 impl FromRequestParts<AppState> for Auth {
     type Rejection = Error;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let token =
-            bearer(parts).ok_or_else(|| Error::Forbidden("a bearer token is required".into()))?;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(|| Error::Forbidden("a bearer token is required".into()))?;
         state
             .store
             .find_token(&hash_token(token))
@@ -164,17 +152,13 @@ pub struct Admin;
 impl FromRequestParts<AppState> for Admin {
     type Rejection = Error;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let Some(expected) = state.admin_token_hash.as_deref() else {
             return Err(Error::Forbidden(
                 "the admin API is disabled: start the server with --admin-token".into(),
             ));
         };
-        let token =
-            bearer(parts).ok_or_else(|| Error::Forbidden("the admin token is required".into()))?;
+        let token = bearer(parts).ok_or_else(|| Error::Forbidden("the admin token is required".into()))?;
         // Compare digests so that neither content nor length leaks through timing.
         let given = Sha256::digest(token.as_bytes());
         if bool::from(given.as_slice().ct_eq(expected)) {
@@ -190,10 +174,7 @@ pub struct QueryMap(pub Vec<(String, String)>);
 
 impl QueryMap {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 
@@ -203,9 +184,7 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or_default();
         Ok(QueryMap(
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect(),
+            url::form_urlencoded::parse(q.as_bytes()).into_owned().collect(),
         ))
     }
 }

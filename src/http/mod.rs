@@ -62,10 +62,7 @@ pub fn app(state: AppState) -> Router {
     api.route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route(
-            "/openapi.json",
-            get(move || async move { Json(doc.as_ref().clone()) }),
-        )
+        .route("/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(extract::MAX_BODY))
@@ -111,10 +108,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// Runs the address rules and the validation GET on each distinct callback URL.
-pub async fn validate_callbacks<'a>(
-    state: &AppState,
-    urls: impl Iterator<Item = &'a str>,
-) -> Result<()> {
+pub async fn validate_callbacks<'a>(state: &AppState, urls: impl Iterator<Item = &'a str>) -> Result<()> {
     let distinct: BTreeSet<&str> = urls.collect();
     for url in distinct {
         callback::validate(&state.check_client, url, state.policy).await?;

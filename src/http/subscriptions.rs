@@ -13,8 +13,7 @@ use super::extract::{one_or_many, parse, Auth, JsonBody, QueryMap};
 use super::webhooks::keys_of;
 use super::{validate_callbacks, AppState};
 use crate::domain::{
-    format_ms, is_key, EventName, NewSubscription, Product, State as SubState, Subscription,
-    SubscriptionChange,
+    format_ms, is_key, EventName, NewSubscription, Product, State as SubState, Subscription, SubscriptionChange,
 };
 use crate::error::{Error, ErrorBody, Result};
 
@@ -26,11 +25,7 @@ pub fn router() -> OpenApiRouter<AppState> {
             update_subscriptions,
             delete_subscriptions
         ))
-        .routes(routes!(
-            get_subscription,
-            update_subscription,
-            delete_subscription
-        ))
+        .routes(routes!(get_subscription, update_subscription, delete_subscription))
 }
 
 /// A user subscription: the contract's fields plus the real service's.
@@ -135,11 +130,7 @@ pub struct SubscriptionBulkUpdate {
            ("productType" = Option<String>, Query, description = "alias of product")),
     responses((status = 200, description = "User subscriptions.", body = Vec<SubscriptionDto>),
               (status = 403, body = ErrorBody)))]
-async fn list_subscriptions(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    q: QueryMap,
-) -> Result<Response> {
+async fn list_subscriptions(State(state): State<AppState>, Auth(t): Auth, q: QueryMap) -> Result<Response> {
     let subs = state.store.list_subscriptions(t).await?;
     if q.get("product").is_some() || q.get("productType").is_some() {
         return Ok(Json(embedded(subs)).into_response());
@@ -155,36 +146,17 @@ async fn list_subscriptions(
     responses((status = 201, description = "User subscription created.", body = SubscriptionDto),
               (status = 200, description = "Array form.", body = SubscriptionList),
               (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn create_subscription(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    body: JsonBody,
-) -> Result<Response> {
+async fn create_subscription(State(state): State<AppState>, Auth(t): Auth, body: JsonBody) -> Result<Response> {
     let (items, is_array): (Vec<SubscriptionCreate>, bool) = one_or_many(body.required()?)?;
     if !is_array && items.iter().any(|i| i.callback_url.is_none()) {
-        return Err(Error::bad_request(
-            "callbackUrl: missing field `callbackUrl`",
-        ));
+        return Err(Error::bad_request("callbackUrl: missing field `callbackUrl`"));
     }
     for i in &items {
-        if !is_key(&i.webhook_key)
-            || state
-                .store
-                .get_webhook(t.app_id, &i.webhook_key)
-                .await?
-                .is_none()
-        {
-            return Err(Error::not_found(format!(
-                "webhookKey {} not found",
-                i.webhook_key
-            )));
+        if !is_key(&i.webhook_key) || state.store.get_webhook(t.app_id, &i.webhook_key).await?.is_none() {
+            return Err(Error::not_found(format!("webhookKey {} not found", i.webhook_key)));
         }
     }
-    validate_callbacks(
-        &state,
-        items.iter().filter_map(|i| i.callback_url.as_deref()),
-    )
-    .await?;
+    validate_callbacks(&state, items.iter().filter_map(|i| i.callback_url.as_deref())).await?;
     let new = items
         .into_iter()
         .map(|i| NewSubscription {
@@ -209,22 +181,15 @@ async fn create_subscription(
     request_body = Vec<SubscriptionBulkUpdate>,
     responses((status = 204, description = "Updated."), (status = 400, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn update_subscriptions(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    body: JsonBody,
-) -> Result<StatusCode> {
+async fn update_subscriptions(State(state): State<AppState>, Auth(t): Auth, body: JsonBody) -> Result<StatusCode> {
     let (items, _): (Vec<SubscriptionBulkUpdate>, _) = one_or_many(body.required()?)?;
     let mut changes = Vec::with_capacity(items.len());
     for (i, u) in items.into_iter().enumerate() {
-        let key = u
-            .user_subscription_key
-            .or(u.subscription_key)
-            .ok_or_else(|| {
-                Error::bad_request(format!(
-                    "[{i}].userSubscriptionKey: missing field `userSubscriptionKey`"
-                ))
-            })?;
+        let key = u.user_subscription_key.or(u.subscription_key).ok_or_else(|| {
+            Error::bad_request(format!(
+                "[{i}].userSubscriptionKey: missing field `userSubscriptionKey`"
+            ))
+        })?;
         changes.push(SubscriptionChange {
             key,
             state: u.user_subscription_state,
@@ -241,17 +206,10 @@ async fn apply_changes(
 ) -> Result<StatusCode> {
     for c in &changes {
         if !is_key(&c.key) || state.store.get_subscription(t, &c.key).await?.is_none() {
-            return Err(Error::not_found(format!(
-                "userSubscriptionKey {} not found",
-                c.key
-            )));
+            return Err(Error::not_found(format!("userSubscriptionKey {} not found", c.key)));
         }
     }
-    validate_callbacks(
-        state,
-        changes.iter().filter_map(|c| c.callback_url.as_deref()),
-    )
-    .await?;
+    validate_callbacks(state, changes.iter().filter_map(|c| c.callback_url.as_deref())).await?;
     state.store.update_subscriptions(t, changes).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -260,11 +218,7 @@ async fn apply_changes(
 #[utoipa::path(delete, path = "/userSubscriptions", operation_id = "deleteUserSubscriptions", tag = "User Subscriptions",
     request_body = Vec<String>,
     responses((status = 202, description = "Deleted."), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn delete_subscriptions(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    body: JsonBody,
-) -> Result<StatusCode> {
+async fn delete_subscriptions(State(state): State<AppState>, Auth(t): Auth, body: JsonBody) -> Result<StatusCode> {
     let keys = keys_of(body, "userSubscriptionKey")?;
     state.store.delete_subscriptions(t, &keys).await?;
     Ok(StatusCode::ACCEPTED)

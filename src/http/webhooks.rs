@@ -12,19 +12,14 @@ use utoipa_axum::routes;
 use super::extract::{one_or_many, parse, Auth, JsonBody};
 use super::{validate_callbacks, AppState};
 use crate::domain::{
-    format_ms, is_key, new_key, now_ms, parse_time, EventName, NewWebhook, Product,
-    State as HookState, Webhook, WebhookChange,
+    format_ms, is_key, new_key, now_ms, parse_time, EventName, NewWebhook, Product, State as HookState, Webhook,
+    WebhookChange,
 };
 use crate::error::{Error, ErrorBody, Result};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(
-            create_webhook,
-            update_webhooks,
-            list_webhooks,
-            delete_webhooks
-        ))
+        .routes(routes!(create_webhook, update_webhooks, list_webhooks, delete_webhooks))
         .routes(routes!(get_webhook))
         .routes(routes!(create_secret_key))
 }
@@ -120,10 +115,7 @@ async fn app_has_key(state: &AppState, app_id: i64) -> Result<bool> {
 
 async fn dtos(state: &AppState, app_id: i64, hooks: Vec<Webhook>) -> Result<Vec<WebhookDto>> {
     let has_key = app_has_key(state, app_id).await?;
-    Ok(hooks
-        .into_iter()
-        .map(|w| WebhookDto::new(w, has_key))
-        .collect())
+    Ok(hooks.into_iter().map(|w| WebhookDto::new(w, has_key)).collect())
 }
 
 fn list(webhooks: Vec<WebhookDto>) -> WebhookList {
@@ -141,11 +133,7 @@ fn list(webhooks: Vec<WebhookDto>) -> WebhookList {
         (status = 200, description = "Array form: webhooks created in INACTIVE state.", body = WebhookList),
         (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody),
     ))]
-async fn create_webhook(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    body: JsonBody,
-) -> Result<Response> {
+async fn create_webhook(State(state): State<AppState>, Auth(t): Auth, body: JsonBody) -> Result<Response> {
     let (items, is_array): (Vec<WebhookCreate>, bool) = one_or_many(body.required()?)?;
     validate_callbacks(&state, items.iter().map(|i| i.callback_url.as_str())).await?;
     let new = items
@@ -157,12 +145,7 @@ async fn create_webhook(
             secret_key: i.secret_key,
         })
         .collect();
-    let created = dtos(
-        &state,
-        t.app_id,
-        state.store.create_webhooks(t.app_id, new).await?,
-    )
-    .await?;
+    let created = dtos(&state, t.app_id, state.store.create_webhooks(t.app_id, new).await?).await?;
     if is_array {
         Ok((StatusCode::OK, Json(list(created))).into_response())
     } else {
@@ -181,11 +164,7 @@ async fn create_webhook(
         (status = 204, description = "Webhooks updated."),
         (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
     ))]
-async fn update_webhooks(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    body: JsonBody,
-) -> Result<StatusCode> {
+async fn update_webhooks(State(state): State<AppState>, Auth(t): Auth, body: JsonBody) -> Result<StatusCode> {
     let (items, _): (Vec<WebhookUpdate>, _) = one_or_many(body.required()?)?;
     let mut changes = Vec::with_capacity(items.len());
     for (i, u) in items.into_iter().enumerate() {
@@ -196,10 +175,7 @@ async fn update_webhooks(
             )));
         }
         if !is_key(&u.webhook_key) {
-            return Err(Error::not_found(format!(
-                "webhookKey {} not found",
-                u.webhook_key
-            )));
+            return Err(Error::not_found(format!("webhookKey {} not found", u.webhook_key)));
         }
         changes.push(WebhookChange {
             key: u.webhook_key,
@@ -212,11 +188,7 @@ async fn update_webhooks(
             return Err(Error::not_found(format!("webhookKey {} not found", c.key)));
         }
     }
-    validate_callbacks(
-        &state,
-        changes.iter().filter_map(|c| c.callback_url.as_deref()),
-    )
-    .await?;
+    validate_callbacks(&state, changes.iter().filter_map(|c| c.callback_url.as_deref())).await?;
     state.store.update_webhooks(t.app_id, changes).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -235,11 +207,7 @@ async fn list_webhooks(State(state): State<AppState>, Auth(t): Auth) -> Result<J
 #[utoipa::path(delete, path = "/webhooks", operation_id = "deleteWebhooks", tag = "Webhooks",
     request_body = Vec<String>,
     responses((status = 202, description = "Deleted."), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn delete_webhooks(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    body: JsonBody,
-) -> Result<StatusCode> {
+async fn delete_webhooks(State(state): State<AppState>, Auth(t): Auth, body: JsonBody) -> Result<StatusCode> {
     let keys = keys_of(body, "webhookKey")?;
     state.store.delete_webhooks(t.app_id, &keys).await?;
     Ok(StatusCode::ACCEPTED)
@@ -259,14 +227,10 @@ pub fn keys_of(body: JsonBody, field: &str) -> Result<Vec<String>> {
         .enumerate()
         .map(|(i, v)| match v {
             serde_json::Value::String(s) => Ok(s),
-            serde_json::Value::Object(mut o) => {
-                match o.remove(field).or_else(|| o.remove("subscriptionKey")) {
-                    Some(serde_json::Value::String(s)) => Ok(s),
-                    _ => Err(Error::bad_request(format!(
-                        "[{i}].{field}: missing field `{field}`"
-                    ))),
-                }
-            }
+            serde_json::Value::Object(mut o) => match o.remove(field).or_else(|| o.remove("subscriptionKey")) {
+                Some(serde_json::Value::String(s)) => Ok(s),
+                _ => Err(Error::bad_request(format!("[{i}].{field}: missing field `{field}`"))),
+            },
             other => Err(Error::bad_request(format!(
                 "[{i}]: expected a key string, found {}",
                 super::extract::kind(&other)
@@ -317,11 +281,7 @@ pub struct SecretKeyDto {
     request_body(content = Option<SecretKeyCreate>, description = "Optional"),
     responses((status = 201, description = "Secret key created.", body = SecretKeyDto),
               (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn create_secret_key(
-    State(state): State<AppState>,
-    Auth(t): Auth,
-    body: JsonBody,
-) -> Result<Response> {
+async fn create_secret_key(State(state): State<AppState>, Auth(t): Auth, body: JsonBody) -> Result<Response> {
     let valid_from = match body.0 {
         None => now_ms(),
         Some(v) => {
@@ -336,10 +296,7 @@ async fn create_secret_key(
             }
         }
     };
-    let key = state
-        .store
-        .create_secret_key(t.app_id, &new_key(), valid_from)
-        .await?;
+    let key = state.store.create_secret_key(t.app_id, &new_key(), valid_from).await?;
     state.engine.signing_keys_changed(t.app_id);
     let dto = SecretKeyDto {
         secret_key: key.value.clone(),

@@ -8,8 +8,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::domain::{
-    EventName, NewSubscription, NewWebhook, SecretKey, Subscription, SubscriptionChange, Tenant,
-    Webhook, WebhookChange,
+    EventName, NewSubscription, NewWebhook, SecretKey, Subscription, SubscriptionChange, Tenant, Webhook, WebhookChange,
 };
 use crate::error::{Error, Result};
 
@@ -151,12 +150,7 @@ pub trait Store: Send + Sync + 'static {
     async fn meta_get_or_insert(&self, key: &str, value: &str) -> Result<String>;
 
     // --- secret keys ---
-    async fn create_secret_key(
-        &self,
-        app_id: i64,
-        value: &str,
-        valid_from: i64,
-    ) -> Result<SecretKey>;
+    async fn create_secret_key(&self, app_id: i64, value: &str, valid_from: i64) -> Result<SecretKey>;
     async fn secret_keys(&self, app_id: i64) -> Result<Vec<SecretKey>>;
 
     // --- webhooks (scoped to the application) ---
@@ -169,38 +163,22 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_webhooks(&self, app_id: i64, keys: &[String]) -> Result<()>;
 
     // --- user subscriptions (scoped to application and organizer) ---
-    async fn create_subscriptions(
-        &self,
-        tenant: Tenant,
-        new: Vec<NewSubscription>,
-    ) -> Result<Vec<Subscription>>;
+    async fn create_subscriptions(&self, tenant: Tenant, new: Vec<NewSubscription>) -> Result<Vec<Subscription>>;
     async fn get_subscription(&self, tenant: Tenant, key: &str) -> Result<Option<Subscription>>;
     async fn list_subscriptions(&self, tenant: Tenant) -> Result<Vec<Subscription>>;
-    async fn update_subscriptions(
-        &self,
-        tenant: Tenant,
-        changes: Vec<SubscriptionChange>,
-    ) -> Result<()>;
+    async fn update_subscriptions(&self, tenant: Tenant, changes: Vec<SubscriptionChange>) -> Result<()>;
     /// Deletes the tenant's subscriptions among `keys`; returns how many went.
     async fn delete_subscriptions(&self, tenant: Tenant, keys: &[String]) -> Result<u64>;
 
     // --- delivery ---
     /// Commits events and their deliveries atomically (idempotent on eventKey) before answering.
-    async fn publish(
-        &self,
-        events: Vec<NewEvent>,
-        lease: Option<Lease>,
-    ) -> Result<Vec<PublishOutcome>>;
+    async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>>;
     /// Leases up to `limit` due deliveries to `lease.owner`.
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>>;
     /// When the next unleased pending delivery comes due (None: nothing waits).
     async fn next_due(&self, now: i64) -> Result<Option<i64>>;
     /// Records attempts and their consequences in one transaction.
-    async fn record_attempts(
-        &self,
-        results: Vec<AttemptRecord>,
-        disable_after_ms: i64,
-    ) -> Result<()>;
+    async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()>;
     /// Returns this node's leases to the pool (shutdown; on SQLite also start-up, where one node owns the file).
     async fn release_leases(&self, owner: Option<&str>) -> Result<u64>;
     async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryRow>>;
@@ -223,9 +201,7 @@ pub type DynStore = Arc<dyn Store>;
 /// Opens the store the URL names, creating and migrating it.
 pub async fn connect(url: &str, pool_size: u32, synchronous: &str) -> Result<DynStore> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(
-            sqlite::SqliteStore::open(url, pool_size, synchronous).await?,
-        ))
+        Ok(Arc::new(sqlite::SqliteStore::open(url, pool_size, synchronous).await?))
     } else {
         Err(Error::bad_request(format!(
             "unsupported database URL `{}`: use sqlite://FILE",

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
@@ -42,15 +40,13 @@ const WEBHOOK_COLS: &str = "w.webhook_key AS w_key, w.event_name AS w_event_name
     w.event_version AS w_event_version, w.callback_url AS w_callback_url, w.state AS w_state, \
     w.secret_key AS w_secret_key, w.created_at AS w_created_at";
 
-const DELIVERY_COLS: &str =
-    "id, event_key, event_name, webhook_key, subscription_key, url, state, \
+const DELIVERY_COLS: &str = "id, event_key, event_name, webhook_key, subscription_key, url, state, \
     attempts, next_attempt_at, last_status, last_error, created_at, updated_at";
 
 impl SqliteStore {
     pub async fn open(url: &str, pool_size: u32, synchronous: &str) -> Result<Self> {
-        let sync = SqliteSynchronous::from_str(synchronous).map_err(|_| {
-            Error::bad_request(format!("unknown SQLite synchronous mode `{synchronous}`"))
-        })?;
+        let sync = SqliteSynchronous::from_str(synchronous)
+            .map_err(|_| Error::bad_request(format!("unknown SQLite synchronous mode `{synchronous}`")))?;
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -73,11 +69,7 @@ impl SqliteStore {
             .await?;
         let (writer, rx) = mpsc::channel(4096);
         tokio::spawn(run_writer(write.clone(), rx));
-        Ok(Self {
-            read,
-            write,
-            writer,
-        })
+        Ok(Self { read, write, writer })
     }
 
     async fn send<T>(&self, op: WriteOp, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
@@ -89,11 +81,7 @@ impl SqliteStore {
             .map_err(|_| Error::Unavailable("the database writer has stopped".into()))?
     }
 
-    async fn fetch_subscriptions(
-        &self,
-        tenant: Tenant,
-        key: Option<&str>,
-    ) -> Result<Vec<Subscription>> {
+    async fn fetch_subscriptions(&self, tenant: Tenant, key: Option<&str>) -> Result<Vec<Subscription>> {
         let sql = format!(
             "SELECT s.subscription_key, s.organizer_key, s.callback_url, s.state, s.inactive_reason, \
              s.created_at, {WEBHOOK_COLS} FROM user_subscriptions s \
@@ -116,8 +104,7 @@ fn webhook_from_row(row: &SqliteRow) -> Result<Webhook> {
     let state: String = row.try_get("w_state")?;
     Ok(Webhook {
         key: row.try_get("w_key")?,
-        event_name: EventName::parse(&name)
-            .ok_or_else(|| Error::Internal(format!("stored event name `{name}`")))?,
+        event_name: EventName::parse(&name).ok_or_else(|| Error::Internal(format!("stored event name `{name}`")))?,
         event_version: row.try_get("w_event_version")?,
         callback_url: row.try_get("w_callback_url")?,
         state: State::parse(&state),
@@ -213,9 +200,7 @@ fn answer(op: WriteOp, result: Result<OpResult>) {
             let _ = reply.send(Err(e));
         }
         (WriteOp::Publish { reply, .. }, Ok(OpResult::Recorded)) => {
-            let _ = reply.send(Err(Error::Internal(
-                "writer answered the wrong operation".into(),
-            )));
+            let _ = reply.send(Err(Error::Internal("writer answered the wrong operation".into())));
         }
     }
 }
@@ -268,11 +253,10 @@ async fn publish_in(
         .await?
         .rows_affected();
         if inserted == 0 {
-            let deliveries: i64 =
-                sqlx::query_scalar("SELECT deliveries FROM events WHERE event_key = $1")
-                    .bind(&ev.event_key)
-                    .fetch_one(&mut *conn)
-                    .await?;
+            let deliveries: i64 = sqlx::query_scalar("SELECT deliveries FROM events WHERE event_key = $1")
+                .bind(&ev.event_key)
+                .fetch_one(&mut *conn)
+                .await?;
             out.push(PublishOutcome {
                 event_key: ev.event_key.clone(),
                 deliveries,
@@ -343,11 +327,7 @@ async fn publish_in(
     Ok(out)
 }
 
-async fn record_in(
-    conn: &mut SqliteConnection,
-    results: &[AttemptRecord],
-    disable_after_ms: i64,
-) -> Result<()> {
+async fn record_in(conn: &mut SqliteConnection, results: &[AttemptRecord], disable_after_ms: i64) -> Result<()> {
     let now = now_ms();
     for r in results {
         sqlx::query(
@@ -397,10 +377,7 @@ async fn record_in(
                     "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
                      WHERE subscription_key = $2 AND state = 'ACTIVE'",
                 )
-                .bind(format!(
-                    "the callback answered 410 Gone at {}",
-                    format_ms(now)
-                ))
+                .bind(format!("the callback answered 410 Gone at {}", format_ms(now)))
                 .bind(&r.subscription_key)
                 .execute(&mut *conn)
                 .await?;
@@ -446,12 +423,10 @@ impl Store for SqliteStore {
             .bind(now_ms())
             .execute(&self.write)
             .await?;
-        Ok(
-            sqlx::query_scalar("SELECT id FROM applications WHERE name = $1")
-                .bind(name)
-                .fetch_one(&self.write)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT id FROM applications WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.write)
+            .await?)
     }
 
     async fn insert_token(&self, token_hash: &str, tenant: Tenant) -> Result<()> {
@@ -469,24 +444,20 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, token_hash: &str) -> Result<bool> {
-        let n = sqlx::query(
-            "UPDATE tokens SET revoked_at = $1 WHERE token_hash = $2 AND revoked_at IS NULL",
-        )
-        .bind(now_ms())
-        .bind(token_hash)
-        .execute(&self.write)
-        .await?
-        .rows_affected();
+        let n = sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE token_hash = $2 AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(token_hash)
+            .execute(&self.write)
+            .await?
+            .rows_affected();
         Ok(n > 0)
     }
 
     async fn find_token(&self, token_hash: &str) -> Result<Option<Tenant>> {
-        let row = sqlx::query(
-            "SELECT app_id, organizer_key FROM tokens WHERE token_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.read)
-        .await?;
+        let row = sqlx::query("SELECT app_id, organizer_key FROM tokens WHERE token_hash = $1 AND revoked_at IS NULL")
+            .bind(token_hash)
+            .fetch_optional(&self.read)
+            .await?;
         row.map(|r| {
             Ok(Tenant {
                 app_id: r.try_get("app_id")?,
@@ -508,12 +479,7 @@ impl Store for SqliteStore {
             .await?)
     }
 
-    async fn create_secret_key(
-        &self,
-        app_id: i64,
-        value: &str,
-        valid_from: i64,
-    ) -> Result<SecretKey> {
+    async fn create_secret_key(&self, app_id: i64, value: &str, valid_from: i64) -> Result<SecretKey> {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO secret_keys (app_id, value, valid_from, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
         )
@@ -531,10 +497,11 @@ impl Store for SqliteStore {
     }
 
     async fn secret_keys(&self, app_id: i64) -> Result<Vec<SecretKey>> {
-        let rows = sqlx::query("SELECT id, value, valid_from FROM secret_keys WHERE app_id = $1 ORDER BY valid_from, id")
-            .bind(app_id)
-            .fetch_all(&self.read)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, value, valid_from FROM secret_keys WHERE app_id = $1 ORDER BY valid_from, id")
+                .bind(app_id)
+                .fetch_all(&self.read)
+                .await?;
         rows.iter()
             .map(|r| {
                 Ok(SecretKey {
@@ -566,9 +533,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await;
             match res {
-                Err(e) if is_unique_violation(&e) => {
-                    return Err(duplicate_webhook(w.event_name, &w.callback_url))
-                }
+                Err(e) if is_unique_violation(&e) => return Err(duplicate_webhook(w.event_name, &w.callback_url)),
                 other => other?,
             };
             keys.push(key);
@@ -586,9 +551,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_webhook(&self, app_id: i64, key: &str) -> Result<Option<Webhook>> {
-        let sql = format!(
-            "SELECT {WEBHOOK_COLS} FROM webhooks w WHERE w.app_id = $1 AND w.webhook_key = $2"
-        );
+        let sql = format!("SELECT {WEBHOOK_COLS} FROM webhooks w WHERE w.app_id = $1 AND w.webhook_key = $2");
         let row = sqlx::query(&sql)
             .bind(app_id)
             .bind(key)
@@ -598,7 +561,8 @@ impl Store for SqliteStore {
     }
 
     async fn list_webhooks(&self, app_id: i64) -> Result<Vec<Webhook>> {
-        let sql = format!("SELECT {WEBHOOK_COLS} FROM webhooks w WHERE w.app_id = $1 ORDER BY w.created_at, w.webhook_key");
+        let sql =
+            format!("SELECT {WEBHOOK_COLS} FROM webhooks w WHERE w.app_id = $1 ORDER BY w.created_at, w.webhook_key");
         let rows = sqlx::query(&sql).bind(app_id).fetch_all(&self.read).await?;
         rows.iter().map(webhook_from_row).collect()
     }
@@ -617,10 +581,12 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await;
             let n = match res {
-                Err(e) if is_unique_violation(&e) => return Err(Error::Conflict(format!(
-                    "another webhook of this application already has eventName and callbackUrl {}",
-                    c.callback_url.as_deref().unwrap_or_default()
-                ))),
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(Error::Conflict(format!(
+                        "another webhook of this application already has eventName and callbackUrl {}",
+                        c.callback_url.as_deref().unwrap_or_default()
+                    )))
+                }
                 other => other?.rows_affected(),
             };
             if n == 0 {
@@ -649,27 +615,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn create_subscriptions(
-        &self,
-        tenant: Tenant,
-        new: Vec<NewSubscription>,
-    ) -> Result<Vec<Subscription>> {
+    async fn create_subscriptions(&self, tenant: Tenant, new: Vec<NewSubscription>) -> Result<Vec<Subscription>> {
         let mut tx = self.write.begin().await?;
         let now = now_ms();
         let mut keys = Vec::with_capacity(new.len());
         for s in &new {
-            let exists: Option<String> = sqlx::query_scalar(
-                "SELECT webhook_key FROM webhooks WHERE webhook_key = $1 AND app_id = $2",
-            )
-            .bind(&s.webhook_key)
-            .bind(tenant.app_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT webhook_key FROM webhooks WHERE webhook_key = $1 AND app_id = $2")
+                    .bind(&s.webhook_key)
+                    .bind(tenant.app_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if exists.is_none() {
-                return Err(Error::not_found(format!(
-                    "webhookKey {} not found",
-                    s.webhook_key
-                )));
+                return Err(Error::not_found(format!("webhookKey {} not found", s.webhook_key)));
             }
             let key = new_key();
             sqlx::query(
@@ -700,22 +658,14 @@ impl Store for SqliteStore {
     }
 
     async fn get_subscription(&self, tenant: Tenant, key: &str) -> Result<Option<Subscription>> {
-        Ok(self
-            .fetch_subscriptions(tenant, Some(key))
-            .await?
-            .into_iter()
-            .next())
+        Ok(self.fetch_subscriptions(tenant, Some(key)).await?.into_iter().next())
     }
 
     async fn list_subscriptions(&self, tenant: Tenant) -> Result<Vec<Subscription>> {
         self.fetch_subscriptions(tenant, None).await
     }
 
-    async fn update_subscriptions(
-        &self,
-        tenant: Tenant,
-        changes: Vec<SubscriptionChange>,
-    ) -> Result<()> {
+    async fn update_subscriptions(&self, tenant: Tenant, changes: Vec<SubscriptionChange>) -> Result<()> {
         let mut tx = self.write.begin().await?;
         for c in &changes {
             // Reactivating clears the reason and the failure clock of an automatic deactivation.
@@ -736,10 +686,7 @@ impl Store for SqliteStore {
             .await?
             .rows_affected();
             if n == 0 {
-                return Err(Error::not_found(format!(
-                    "userSubscriptionKey {} not found",
-                    c.key
-                )));
+                return Err(Error::not_found(format!("userSubscriptionKey {} not found", c.key)));
             }
         }
         tx.commit().await?;
@@ -764,21 +711,9 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
-    async fn publish(
-        &self,
-        events: Vec<NewEvent>,
-        lease: Option<Lease>,
-    ) -> Result<Vec<PublishOutcome>> {
+    async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
         let (reply, rx) = oneshot::channel();
-        self.send(
-            WriteOp::Publish {
-                events,
-                lease,
-                reply,
-            },
-            rx,
-        )
-        .await
+        self.send(WriteOp::Publish { events, lease, reply }, rx).await
     }
 
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
@@ -846,11 +781,7 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn record_attempts(
-        &self,
-        results: Vec<AttemptRecord>,
-        disable_after_ms: i64,
-    ) -> Result<()> {
+    async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.send(
             WriteOp::Record {
@@ -875,9 +806,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<DeliveryRow>> {
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries WHERE 1 = 1"
-        ));
+        let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {DELIVERY_COLS} FROM deliveries WHERE 1 = 1"));
         if let Some(v) = &f.state {
             qb.push(" AND state = ").push_bind(v);
         }
@@ -909,11 +838,7 @@ impl Store for SqliteStore {
 
     async fn get_delivery(&self, id: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
         let sql = format!("SELECT {DELIVERY_COLS} FROM deliveries WHERE id = $1");
-        let Some(row) = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&self.read)
-            .await?
-        else {
+        let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&self.read).await? else {
             return Ok(None);
         };
         let attempts = sqlx::query(
@@ -943,9 +868,7 @@ impl Store for SqliteStore {
         let (cond, key): (&str, String) = match target {
             RetryTarget::Delivery(id) => ("id = $2", id.to_string()),
             RetryTarget::Event(k) => ("event_key = $2", k.to_string()),
-            RetryTarget::FailedOfSubscription(k) => {
-                ("subscription_key = $2 AND state = 'failed'", k.to_string())
-            }
+            RetryTarget::FailedOfSubscription(k) => ("subscription_key = $2 AND state = 'failed'", k.to_string()),
         };
         let sql = format!(
             "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, lease_owner = NULL, lease_until = 0, \
@@ -960,9 +883,10 @@ impl Store for SqliteStore {
     }
 
     async fn queue_stats(&self) -> Result<QueueStats> {
-        let row = sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state = 'pending'")
-            .fetch_one(&self.read)
-            .await?;
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state = 'pending'")
+                .fetch_one(&self.read)
+                .await?;
         Ok(QueueStats {
             waiting: row.try_get("n")?,
             oldest_waiting_created_at: row.try_get("oldest")?,

@@ -1,0 +1,14 @@
+//! Integration tests over a real socket: the management API, real GoTo clients, tenancy, bad input, callback
+//! validation, the OpenAPI document, and the delivery engine.
+
+#![allow(clippy::unwrap_used)]
+
+mod bad_input;
+mod callbacks;
+mod compat;
+mod crash;
+mod delivery;
+mod management;
+mod openapi;
+mod support;
+mod tenancy;

@@ -1,0 +1,363 @@
+//! Test support: a server on a real socket over a fresh database, and a receiver that records callbacks.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::any;
+use g2w_webhooks::config::ServeArgs;
+use g2w_webhooks::store::{self, DynStore};
+use g2w_webhooks::{run, Role};
+use reqwest::{Method, Response};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN: &str = "test-admin-token";
+
+pub struct TestApp {
+    pub base: String,
+    pub token: String,
+    pub store: DynStore,
+    pub http: reqwest::Client,
+    pub db_url: String,
+    shutdown: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db_url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let mut args = ServeArgs::for_database(&db_url);
+        args.admin_token = Some(ADMIN.into());
+        args.retry_schedule = g2w_webhooks::config::parse_schedule("20ms,20ms,20ms").expect("schedule");
+        args.attempt_timeout = Duration::from_secs(2);
+        args.poll_interval = Duration::from_millis(50);
+        configure(&mut args);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(run(args, Role::All, listener, shutdown.clone()));
+        let http = reqwest::Client::new();
+        let base = format!("http://{addr}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let store = store::connect(&db_url, 2, "normal").await.expect("store");
+        let token = g2w_webhooks::issue_token(&store, "app-a", 1001).await.expect("token");
+        Self {
+            base,
+            token,
+            store,
+            http,
+            db_url,
+            shutdown,
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+
+    pub async fn token_for(&self, app: &str, organizer: i64) -> String {
+        g2w_webhooks::issue_token(&self.store, app, organizer)
+            .await
+            .expect("token")
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("{}/G2W/rest/v2{path}", self.base)
+    }
+
+    /// A JSON request with the default token.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Response {
+        self.call_as(&self.token, method, path, body).await
+    }
+
+    pub async fn call_as(&self, token: &str, method: Method, path: &str, body: Option<Value>) -> Response {
+        let mut req = self.http.request(method, self.api(path)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Response {
+        let mut req = self
+            .http
+            .request(method, format!("{}/admin/v1{path}", self.base))
+            .bearer_auth(ADMIN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// Creates an ACTIVE webhook and an ACTIVE subscription of the default tenant; returns (webhookKey, subscriptionKey).
+    pub async fn subscribe(&self, event: &str, url: &str) -> (String, String) {
+        let res = self
+            .call(Method::POST, "/webhooks", Some(serde_json::json!([{"product": "g2w", "eventName": event, "eventVersion": "1.0.0", "callbackUrl": url}])))
+            .await;
+        assert_eq!(res.status(), 200, "{}", res.text().await.unwrap_or_default());
+        let body: Value = res.json().await.expect("json");
+        let wk = body["_embedded"]["webhooks"][0]["webhookKey"]
+            .as_str()
+            .expect("key")
+            .to_string();
+        let res = self
+            .call(
+                Method::PUT,
+                "/webhooks",
+                Some(serde_json::json!([{"webhookKey": wk, "state": "ACTIVE"}])),
+            )
+            .await;
+        assert_eq!(res.status(), 204);
+        let res = self
+            .call(
+                Method::POST,
+                "/userSubscriptions",
+                Some(serde_json::json!([{"webhookKey": wk}])),
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.expect("json");
+        let sk = body["_embedded"]["userSubscriptions"][0]["userSubscriptionKey"]
+            .as_str()
+            .expect("key")
+            .to_string();
+        (wk, sk)
+    }
+
+    pub async fn publish(&self, events: Value) -> Value {
+        let res = self.admin(Method::POST, "/events", Some(events)).await;
+        assert_eq!(res.status(), 202, "{}", res.text().await.unwrap_or_default());
+        res.json().await.expect("json")
+    }
+
+    pub async fn delivery(&self, id: i64) -> Value {
+        self.admin(Method::GET, &format!("/deliveries/{id}"), None)
+            .await
+            .json()
+            .await
+            .expect("json")
+    }
+
+    pub async fn deliveries(&self, query: &str) -> Vec<Value> {
+        let v: Value = self
+            .admin(Method::GET, &format!("/deliveries?{query}"), None)
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["deliveries"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("join").expect("clean stop");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls `check` until it holds or the deadline passes.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A callback as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+}
+
+/// What the receiver answers to the n-th POST (0-based): status, extra headers, delay.
+pub type Behaviour = Arc<dyn Fn(usize) -> (u16, Vec<(&'static str, String)>, Duration) + Send + Sync>;
+
+#[derive(Clone)]
+struct ReceiverState {
+    received: Arc<Mutex<Vec<Received>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    get_status: Arc<Mutex<u16>>,
+}
+
+pub struct Receiver {
+    pub url: String,
+    pub addr: SocketAddr,
+    state: ReceiverState,
+    shutdown: CancellationToken,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    pub async fn start_on(addr: &str) -> Self {
+        let state = ReceiverState {
+            received: Arc::default(),
+            behaviour: Arc::new(Mutex::new(Arc::new(|_| (200, vec![], Duration::ZERO)))),
+            get_status: Arc::new(Mutex::new(200)),
+        };
+        let app = axum::Router::new().fallback(any(handle)).with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind receiver");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        Self {
+            url: format!("http://{addr}/hook"),
+            addr,
+            state,
+            shutdown,
+        }
+    }
+
+    pub fn respond(&self, b: impl Fn(usize) -> (u16, Vec<(&'static str, String)>, Duration) + Send + Sync + 'static) {
+        *self.state.behaviour.lock().expect("lock") = Arc::new(b);
+    }
+
+    pub fn answer_get(&self, status: u16) {
+        *self.state.get_status.lock().expect("lock") = status;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().expect("lock").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.received.lock().expect("lock").len()
+    }
+
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        eventually(&format!("{n} callbacks"), timeout, || async { self.count() >= n }).await;
+        self.received()
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn handle(
+    State(s): State<ReceiverState>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    if method == axum::http::Method::GET {
+        let status = *s.get_status.lock().expect("lock");
+        return StatusCode::from_u16(status).unwrap_or(StatusCode::OK).into_response();
+    }
+    let n = {
+        let mut r = s.received.lock().expect("lock");
+        r.push(Received {
+            path_and_query: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+            headers,
+            body,
+            at: Instant::now(),
+        });
+        r.len() - 1
+    };
+    let behaviour = s.behaviour.lock().expect("lock").clone();
+    let (status, extra, delay) = behaviour(n);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut res = (StatusCode::from_u16(status).unwrap_or(StatusCode::OK), "ok").into_response();
+    for (k, v) in extra {
+        res.headers_mut().insert(k, v.parse().expect("header value"));
+    }
+    res
+}
+
+/// HMAC-SHA256 written out from its definition (RFC 2104), independent of the service's signing code.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
+    let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
+    let inner = Sha256::new().chain_update(&ipad).chain_update(message).finalize();
+    Sha256::new().chain_update(&opad).chain_update(inner).finalize().into()
+}
+
+/// The GoTo signature a receiver expects, computed independently.
+pub fn expected_signature(key: &str, timestamp: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    let mut msg = timestamp.as_bytes().to_vec();
+    msg.push(b':');
+    msg.extend_from_slice(body);
+    base64::engine::general_purpose::STANDARD.encode(hmac_sha256(key.as_bytes(), &msg))
+}
+
+/// Checks a received callback's signature against `key` the way a receiver would.
+pub fn signed_with(r: &Received, key: &str) -> bool {
+    match (
+        r.header("x-webhook-signature"),
+        r.header("x-webhook-signature-timestamp"),
+    ) {
+        (Some(sig), Some(ts)) => expected_signature(key, &ts, &r.body) == sig,
+        _ => false,
+    }
+}
