@@ -15,6 +15,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             eprintln!("database is up to date");
             Ok(())
         }
+        Command::DevTokens(db) => {
+            let store = store::connect(&db.database_url, 1, "full").await?;
+            let dev = crate::dev_tokens(&store).await?;
+            println!("export G2W_TOKEN={} G2W_ADMIN_TOKEN={}", dev.bearer, dev.admin);
+            Ok(())
+        }
         Command::Token(TokenCommand::Create { app, organizer, db }) => {
             let store = store::connect(&db.database_url, 1, "full").await?;
             println!("{}", crate::issue_token(&store, &app, organizer).await?);

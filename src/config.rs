@@ -35,6 +35,9 @@ pub enum Command {
     Worker(ServeArgs),
     /// Create or upgrade the database schema, then exit.
     Migrate(DbArgs),
+    /// Print the dev application's bearer token and the dev admin token as shell exports
+    /// (`eval "$(g2w-webhooks dev-tokens)"`). The same database always gives the same tokens.
+    DevTokens(DbArgs),
     /// Manage bearer tokens (works while the server runs).
     #[command(subcommand)]
     Token(TokenCommand),

@@ -57,7 +57,7 @@ pub struct DevTokens {
     pub admin: String,
 }
 
-async fn dev_tokens(store: &DynStore) -> anyhow::Result<DevTokens> {
+pub async fn dev_tokens(store: &DynStore) -> anyhow::Result<DevTokens> {
     let fresh: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     let seed = store.meta_get_or_insert("dev_seed", &fresh).await?;
     let derive = |label: &str| {
