@@ -12,6 +12,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 
+mod common;
 pub mod sqlite;
 
 /// An event accepted for publishing: its key, owner and the exact bytes subscribers receive.

@@ -1,0 +1,497 @@
+//! The SQL both backends share: management queries, inspection and repair, written once in the common
+//! subset of SQLite and PostgreSQL (`$N` parameters, `CAST`, `ON CONFLICT`, `RETURNING`). Each backend adds
+//! its own hot path (publish, claim, record) where the two databases differ.
+
+/// Implements `Store` for `$store` over database `$db` (rows `$row`), with the backend's own hot-path methods.
+macro_rules! sql_store {
+    ($store:ty, $db:ty, $row:ty, { $($hot:tt)* }) => {
+const WEBHOOK_COLS: &str = "w.webhook_key AS w_key, w.event_name AS w_event_name, \
+    w.event_version AS w_event_version, w.callback_url AS w_callback_url, w.state AS w_state, \
+    w.secret_key AS w_secret_key, w.created_at AS w_created_at";
+
+const DELIVERY_COLS: &str = "id, event_key, event_name, webhook_key, subscription_key, url, state, \
+    attempts, next_attempt_at, last_status, last_error, created_at, updated_at";
+
+impl $store {
+    async fn fetch_subscriptions(&self, tenant: Tenant, key: Option<&str>) -> Result<Vec<Subscription>> {
+        let sql = format!(
+            "SELECT s.subscription_key, s.organizer_key, s.callback_url, s.state, s.inactive_reason, \
+             s.created_at, {WEBHOOK_COLS} FROM user_subscriptions s \
+             JOIN webhooks w ON w.webhook_key = s.webhook_key \
+             WHERE s.app_id = $1 AND s.organizer_key = $2 AND (CAST($3 AS TEXT) IS NULL OR s.subscription_key = CAST($3 AS TEXT)) \
+             ORDER BY s.created_at, s.subscription_key"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(tenant.app_id)
+            .bind(tenant.organizer_key)
+            .bind(key)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(subscription_from_row).collect()
+    }
+}
+
+fn webhook_from_row(row: &$row) -> Result<Webhook> {
+    let name: String = row.try_get("w_event_name")?;
+    let state: String = row.try_get("w_state")?;
+    Ok(Webhook {
+        key: row.try_get("w_key")?,
+        event_name: EventName::parse(&name).ok_or_else(|| Error::Internal(format!("stored event name `{name}`")))?,
+        event_version: row.try_get("w_event_version")?,
+        callback_url: row.try_get("w_callback_url")?,
+        state: State::parse(&state),
+        secret_key: row.try_get("w_secret_key")?,
+        created_at: row.try_get("w_created_at")?,
+    })
+}
+
+fn subscription_from_row(row: &$row) -> Result<Subscription> {
+    let webhook = webhook_from_row(row)?;
+    let state: String = row.try_get("state")?;
+    Ok(Subscription {
+        key: row.try_get("subscription_key")?,
+        organizer_key: row.try_get("organizer_key")?,
+        webhook_key: webhook.key.clone(),
+        callback_url: row.try_get("callback_url")?,
+        state: State::parse(&state),
+        inactive_reason: row.try_get("inactive_reason")?,
+        created_at: row.try_get("created_at")?,
+        webhook,
+    })
+}
+
+fn delivery_from_row(row: &$row) -> Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: row.try_get("id")?,
+        event_key: row.try_get("event_key")?,
+        event_name: row.try_get("event_name")?,
+        webhook_key: row.try_get("webhook_key")?,
+        subscription_key: row.try_get("subscription_key")?,
+        url: row.try_get("url")?,
+        state: row.try_get("state")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_status: row.try_get("last_status")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+fn duplicate_webhook(name: EventName, url: &str) -> Error {
+    Error::Conflict(format!(
+        "a webhook for eventName {} and callbackUrl {url} already exists in this application",
+        name.as_str()
+    ))
+}
+
+#[async_trait]
+impl Store for $store {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
+    async fn ensure_app(&self, name: &str) -> Result<i64> {
+        sqlx::query("INSERT INTO applications (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT id FROM applications WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.write)
+            .await?)
+    }
+
+    async fn insert_token(&self, token_hash: &str, tenant: Tenant) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokens (token_hash, app_id, organizer_key, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (token_hash) DO UPDATE SET revoked_at = NULL",
+        )
+        .bind(token_hash)
+        .bind(tenant.app_id)
+        .bind(tenant.organizer_key)
+        .bind(now_ms())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_token(&self, token_hash: &str) -> Result<bool> {
+        let n = sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE token_hash = $2 AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(token_hash)
+            .execute(&self.write)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn find_token(&self, token_hash: &str) -> Result<Option<Tenant>> {
+        let row = sqlx::query("SELECT app_id, organizer_key FROM tokens WHERE token_hash = $1 AND revoked_at IS NULL")
+            .bind(token_hash)
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|r| {
+            Ok(Tenant {
+                app_id: r.try_get("app_id")?,
+                organizer_key: r.try_get("organizer_key")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn meta_get_or_insert(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&self.write)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.write)
+            .await?)
+    }
+
+    async fn create_secret_key(&self, app_id: i64, value: &str, valid_from: i64) -> Result<SecretKey> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO secret_keys (app_id, value, valid_from, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(app_id)
+        .bind(value)
+        .bind(valid_from)
+        .bind(now_ms())
+        .fetch_one(&self.write)
+        .await?;
+        Ok(SecretKey {
+            id,
+            value: value.to_string(),
+            valid_from,
+        })
+    }
+
+    async fn secret_keys(&self, app_id: i64) -> Result<Vec<SecretKey>> {
+        let rows =
+            sqlx::query("SELECT id, value, valid_from FROM secret_keys WHERE app_id = $1 ORDER BY valid_from, id")
+                .bind(app_id)
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SecretKey {
+                    id: r.try_get("id")?,
+                    value: r.try_get("value")?,
+                    valid_from: r.try_get("valid_from")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_webhooks(&self, app_id: i64, new: Vec<NewWebhook>) -> Result<Vec<Webhook>> {
+        let mut tx = self.write.begin().await?;
+        let now = now_ms();
+        let mut keys = Vec::with_capacity(new.len());
+        for w in &new {
+            let key = new_key();
+            let res = sqlx::query(
+                "INSERT INTO webhooks (webhook_key, app_id, event_name, event_version, callback_url, state, \
+                 secret_key, created_at) VALUES ($1, $2, $3, $4, $5, 'INACTIVE', $6, $7)",
+            )
+            .bind(&key)
+            .bind(app_id)
+            .bind(w.event_name.as_str())
+            .bind(&w.event_version)
+            .bind(&w.callback_url)
+            .bind(&w.secret_key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            match res {
+                Err(e) if is_unique_violation(&e) => return Err(duplicate_webhook(w.event_name, &w.callback_url)),
+                other => other?,
+            };
+            keys.push(key);
+        }
+        tx.commit().await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(
+                self.get_webhook(app_id, &key)
+                    .await?
+                    .ok_or_else(|| Error::Internal("created webhook vanished".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn get_webhook(&self, app_id: i64, key: &str) -> Result<Option<Webhook>> {
+        let sql = format!("SELECT {WEBHOOK_COLS} FROM webhooks w WHERE w.app_id = $1 AND w.webhook_key = $2");
+        let row = sqlx::query(&sql)
+            .bind(app_id)
+            .bind(key)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(webhook_from_row).transpose()
+    }
+
+    async fn list_webhooks(&self, app_id: i64) -> Result<Vec<Webhook>> {
+        let sql =
+            format!("SELECT {WEBHOOK_COLS} FROM webhooks w WHERE w.app_id = $1 ORDER BY w.created_at, w.webhook_key");
+        let rows = sqlx::query(&sql).bind(app_id).fetch_all(&self.read).await?;
+        rows.iter().map(webhook_from_row).collect()
+    }
+
+    async fn update_webhooks(&self, app_id: i64, changes: Vec<WebhookChange>) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for c in &changes {
+            let res = sqlx::query(
+                "UPDATE webhooks SET state = COALESCE($1, state), callback_url = COALESCE($2, callback_url) \
+                 WHERE webhook_key = $3 AND app_id = $4",
+            )
+            .bind(c.state.map(State::as_str))
+            .bind(&c.callback_url)
+            .bind(&c.key)
+            .bind(app_id)
+            .execute(&mut *tx)
+            .await;
+            let n = match res {
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(Error::Conflict(format!(
+                        "another webhook of this application already has eventName and callbackUrl {}",
+                        c.callback_url.as_deref().unwrap_or_default()
+                    )))
+                }
+                other => other?.rows_affected(),
+            };
+            if n == 0 {
+                return Err(Error::not_found(format!("webhookKey {} not found", c.key)));
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_webhooks(&self, app_id: i64, keys: &[String]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for key in keys {
+            sqlx::query("DELETE FROM user_subscriptions WHERE webhook_key = $1 AND app_id = $2")
+                .bind(key)
+                .bind(app_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM webhooks WHERE webhook_key = $1 AND app_id = $2")
+                .bind(key)
+                .bind(app_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_subscriptions(&self, tenant: Tenant, new: Vec<NewSubscription>) -> Result<Vec<Subscription>> {
+        let mut tx = self.write.begin().await?;
+        let now = now_ms();
+        let mut keys = Vec::with_capacity(new.len());
+        for s in &new {
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT webhook_key FROM webhooks WHERE webhook_key = $1 AND app_id = $2")
+                    .bind(&s.webhook_key)
+                    .bind(tenant.app_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if exists.is_none() {
+                return Err(Error::not_found(format!("webhookKey {} not found", s.webhook_key)));
+            }
+            let key = new_key();
+            sqlx::query(
+                "INSERT INTO user_subscriptions (subscription_key, app_id, organizer_key, webhook_key, callback_url, \
+                 state, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&key)
+            .bind(tenant.app_id)
+            .bind(tenant.organizer_key)
+            .bind(&s.webhook_key)
+            .bind(&s.callback_url)
+            .bind(s.state.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            keys.push(key);
+        }
+        tx.commit().await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(
+                self.get_subscription(tenant, &key)
+                    .await?
+                    .ok_or_else(|| Error::Internal("created subscription vanished".into()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn get_subscription(&self, tenant: Tenant, key: &str) -> Result<Option<Subscription>> {
+        Ok(self.fetch_subscriptions(tenant, Some(key)).await?.into_iter().next())
+    }
+
+    async fn list_subscriptions(&self, tenant: Tenant) -> Result<Vec<Subscription>> {
+        self.fetch_subscriptions(tenant, None).await
+    }
+
+    async fn update_subscriptions(&self, tenant: Tenant, changes: Vec<SubscriptionChange>) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for c in &changes {
+            // Reactivating clears the reason and the failure clock of an automatic deactivation.
+            let reactivate = c.state == Some(State::Active);
+            let n = sqlx::query(
+                "UPDATE user_subscriptions SET state = COALESCE($1, state), callback_url = COALESCE($2, callback_url), \
+                 inactive_reason = CASE WHEN $3 THEN NULL ELSE inactive_reason END, \
+                 failing_since = CASE WHEN $3 THEN NULL ELSE failing_since END \
+                 WHERE subscription_key = $4 AND app_id = $5 AND organizer_key = $6",
+            )
+            .bind(c.state.map(State::as_str))
+            .bind(&c.callback_url)
+            .bind(reactivate)
+            .bind(&c.key)
+            .bind(tenant.app_id)
+            .bind(tenant.organizer_key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Err(Error::not_found(format!("userSubscriptionKey {} not found", c.key)));
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_subscriptions(&self, tenant: Tenant, keys: &[String]) -> Result<u64> {
+        let mut tx = self.write.begin().await?;
+        let mut n = 0;
+        for key in keys {
+            n += sqlx::query(
+                "DELETE FROM user_subscriptions WHERE subscription_key = $1 AND app_id = $2 AND organizer_key = $3",
+            )
+            .bind(key)
+            .bind(tenant.app_id)
+            .bind(tenant.organizer_key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn release_leases(&self, owner: Option<&str>) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE deliveries SET lease_owner = NULL, lease_until = 0 \
+             WHERE state = 'pending' AND lease_until > 0 AND (CAST($1 AS TEXT) IS NULL OR lease_owner = CAST($1 AS TEXT))",
+        )
+        .bind(owner)
+        .execute(&self.write)
+        .await?
+        .rows_affected())
+    }
+
+    async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<DeliveryRow>> {
+        let mut qb = QueryBuilder::<$db>::new(format!("SELECT {DELIVERY_COLS} FROM deliveries WHERE 1 = 1"));
+        if let Some(v) = &f.state {
+            qb.push(" AND state = ").push_bind(v);
+        }
+        if let Some(v) = &f.webhook_key {
+            qb.push(" AND webhook_key = ").push_bind(v);
+        }
+        if let Some(v) = &f.subscription_key {
+            qb.push(" AND subscription_key = ").push_bind(v);
+        }
+        if let Some(v) = &f.event_name {
+            qb.push(" AND event_name = ").push_bind(v);
+        }
+        if let Some(v) = &f.event_key {
+            qb.push(" AND event_key = ").push_bind(v);
+        }
+        if let Some(v) = f.since {
+            qb.push(" AND created_at >= ").push_bind(v);
+        }
+        if let Some(v) = f.until {
+            qb.push(" AND created_at < ").push_bind(v);
+        }
+        if let Some(v) = f.before_id {
+            qb.push(" AND id < ").push_bind(v);
+        }
+        qb.push(" ORDER BY id DESC LIMIT ").push_bind(f.limit);
+        let rows = qb.build().fetch_all(&self.read).await?;
+        rows.iter().map(delivery_from_row).collect()
+    }
+
+    async fn get_delivery(&self, id: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>> {
+        let sql = format!("SELECT {DELIVERY_COLS} FROM deliveries WHERE id = $1");
+        let Some(row) = sqlx::query(&sql).bind(id).fetch_optional(&self.read).await? else {
+            return Ok(None);
+        };
+        let attempts = sqlx::query(
+            "SELECT number, node, started_at, duration_ms, status_code, error, response_excerpt \
+             FROM attempts WHERE delivery_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(AttemptRow {
+                number: r.try_get("number")?,
+                node: r.try_get("node")?,
+                started_at: r.try_get("started_at")?,
+                duration_ms: r.try_get("duration_ms")?,
+                status_code: r.try_get("status_code")?,
+                error: r.try_get("error")?,
+                response_excerpt: r.try_get("response_excerpt")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        Ok(Some((delivery_from_row(&row)?, attempts)))
+    }
+
+    async fn retry_deliveries(&self, target: RetryTarget<'_>) -> Result<u64> {
+        let (cond, key): (&str, String) = match target {
+            RetryTarget::Delivery(id) => ("id = $2", id.to_string()),
+            RetryTarget::Event(k) => ("event_key = $2", k.to_string()),
+            RetryTarget::FailedOfSubscription(k) => ("subscription_key = $2 AND state = 'failed'", k.to_string()),
+        };
+        let sql = format!(
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, lease_owner = NULL, lease_until = 0, \
+             updated_at = $1 WHERE {cond}"
+        );
+        let mut q = sqlx::query(&sql).bind(now_ms());
+        q = match target {
+            RetryTarget::Delivery(id) => q.bind(id),
+            _ => q.bind(key),
+        };
+        Ok(q.execute(&self.write).await?.rows_affected())
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM deliveries WHERE state = 'pending'")
+                .fetch_one(&self.read)
+                .await?;
+        Ok(QueueStats {
+            waiting: row.try_get("n")?,
+            oldest_waiting_created_at: row.try_get("oldest")?,
+        })
+    }
+
+$($hot)*
+}
+    };
+}
+
+pub(crate) use sql_store;
