@@ -75,8 +75,9 @@ impl IntoResponse for Error {
         let description = if status.is_server_error() {
             // Internal detail goes to the log under the incident id, never to the client.
             tracing::error!(%incident, error = %self, "request failed");
-            match self {
-                Error::Unavailable(msg) => msg,
+            match (self, status) {
+                (Error::Unavailable(msg), _) => msg,
+                (_, StatusCode::SERVICE_UNAVAILABLE) => "the database is unavailable; try again".to_string(),
                 _ => "internal error; quote the incident id when reporting it".to_string(),
             }
         } else {

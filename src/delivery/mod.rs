@@ -165,6 +165,12 @@ impl Engine {
         rx: mpsc::UnboundedReceiver<DeliveryJob>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        self.store.watch_for_work(Arc::new(move || {
+            if let Some(engine) = weak.upgrade() {
+                engine.wake.notify_one();
+            }
+        }));
         let engine = self.clone();
         tokio::spawn(async move {
             let (results_tx, results_rx) = mpsc::unbounded_channel();
@@ -212,6 +218,12 @@ impl Engine {
                 _ = shutdown.cancelled() => break,
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
+            // An attempt that could outlive this node's lease might overlap another node's: leave the delivery to
+            // whoever claims it once the lease has expired.
+            if now_ms() + self.settings.attempt_timeout.as_millis() as i64 >= job.lease_until {
+                self.held.fetch_sub(1, Ordering::Relaxed);
+                continue; // the permit drops here
+            }
             let engine = self.clone();
             let results = results.clone();
             attempts.spawn(async move {

@@ -13,6 +13,7 @@ use crate::domain::{
 use crate::error::{Error, Result};
 
 mod common;
+pub mod postgres;
 pub mod sqlite;
 
 /// An event accepted for publishing: its key, owner and the exact bytes subscribers receive.
@@ -55,6 +56,8 @@ pub struct DeliveryJob {
     pub webhook_secret: Option<String>,
     /// Attempts made before this one.
     pub attempts: i64,
+    /// This node's lease on the delivery ends then (ms); an attempt that could outlive it is not started.
+    pub lease_until: i64,
 }
 
 /// How an attempt ended and what happens next.
@@ -187,7 +190,14 @@ pub trait Store: Send + Sync + 'static {
     /// Makes matching deliveries pending and due now; returns how many.
     async fn retry_deliveries(&self, filter: RetryTarget<'_>) -> Result<u64>;
     async fn queue_stats(&self) -> Result<QueueStats>;
+
+    /// Calls `wake` whenever another node makes deliveries available (PostgreSQL `LISTEN/NOTIFY`). A single
+    /// SQLite process has no other nodes.
+    fn watch_for_work(&self, _wake: WorkSignal) {}
 }
+
+/// Wakes a node's scheduler.
+pub type WorkSignal = Arc<dyn Fn() + Send + Sync>;
 
 /// Which deliveries an operator asks to attempt again.
 #[derive(Debug, Clone, Copy)]
@@ -203,9 +213,11 @@ pub type DynStore = Arc<dyn Store>;
 pub async fn connect(url: &str, pool_size: u32, synchronous: &str) -> Result<DynStore> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(url, pool_size, synchronous).await?))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(postgres::PgStore::open(url, pool_size).await?))
     } else {
         Err(Error::bad_request(format!(
-            "unsupported database URL `{}`: use sqlite://FILE",
+            "unsupported database URL `{}`: use sqlite://FILE or postgres://...",
             url.split(':').next().unwrap_or_default()
         )))
     }

@@ -1,6 +1,5 @@
 //! SQLite store: WAL, one write connection owned by a group-commit writer for the hot path, a pool of readers.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -225,6 +224,7 @@ async fn publish_in(
                     body: ev.body.clone(),
                     webhook_secret: t.try_get("secret_key")?,
                     attempts: 0,
+                    lease_until: lease.map_or(0, |l| l.until),
                 });
             }
         }
@@ -364,40 +364,7 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
         qb.push(") ORDER BY d.next_attempt_at");
         let rows = qb.build().fetch_all(&mut *tx).await?;
         tx.commit().await?;
-        let mut bodies: HashMap<String, Bytes> = HashMap::new();
-        rows.iter()
-            .map(|r| {
-                let event_key: String = r.try_get("event_key")?;
-                let body = match bodies.get(&event_key) {
-                    Some(b) => b.clone(),
-                    None => {
-                        let b = Bytes::from(r.try_get::<Vec<u8>, _>("body")?);
-                        bodies.insert(event_key.clone(), b.clone());
-                        b
-                    }
-                };
-                Ok(DeliveryJob {
-                    id: r.try_get("id")?,
-                    event_key,
-                    app_id: r.try_get("app_id")?,
-                    subscription_key: r.try_get("subscription_key")?,
-                    url: r.try_get("url")?,
-                    body,
-                    webhook_secret: r.try_get("secret_key")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn next_due(&self, now: i64) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT next_attempt_at FROM deliveries WHERE state = 'pending' AND lease_until < $1 \
-             ORDER BY next_attempt_at LIMIT 1",
-        )
-        .bind(now)
-        .fetch_optional(&self.read)
-        .await?)
+        jobs_from_rows(&rows, lease.until)
     }
 
     async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {

@@ -3,7 +3,14 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::support::{Receiver, TestApp};
+use crate::support::{Backend, Receiver, TestApp};
+
+crate::on_both!(
+    bad_bodies_are_refused_with_the_field_named,
+    unknown_paths_methods_and_keys,
+    tolerant_of_real_client_habits,
+    bad_events_are_refused_and_create_nothing
+);
 
 async fn expect_error(res: reqwest::Response, status: u16, needle: &str) {
     assert_eq!(res.status(), status);
@@ -14,9 +21,8 @@ async fn expect_error(res: reqwest::Response, status: u16, needle: &str) {
     assert!(uuid::Uuid::parse_str(v["incident"].as_str().expect("incident")).is_ok());
 }
 
-#[tokio::test]
-async fn bad_bodies_are_refused_with_the_field_named() {
-    let app = TestApp::spawn().await;
+async fn bad_bodies_are_refused_with_the_field_named(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let raw = |method: Method, path: &str, body: &str, ct: Option<&str>| {
         let mut req = app
@@ -136,9 +142,8 @@ async fn bad_bodies_are_refused_with_the_field_named() {
     .await;
 }
 
-#[tokio::test]
-async fn unknown_paths_methods_and_keys() {
-    let app = TestApp::spawn().await;
+async fn unknown_paths_methods_and_keys(b: Backend) {
+    let app = TestApp::on(b).await;
     expect_error(app.call(Method::GET, "/nothing-here", None).await, 404, "/nothing-here").await;
     expect_error(app.call(Method::PATCH, "/webhooks", None).await, 405, "PATCH").await;
     expect_error(
@@ -168,9 +173,8 @@ async fn unknown_paths_methods_and_keys() {
     .await;
 }
 
-#[tokio::test]
-async fn tolerant_of_real_client_habits() {
-    let app = TestApp::spawn().await;
+async fn tolerant_of_real_client_habits(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     // JSON with no Content-Type, a vendor Accept, unknown fields and query parameters.
     let body = json!([{"product": "g2w", "eventName": "webinar.created", "eventVersion": "1.0.0", "callbackUrl": rx.url, "extra": {"x": 1}}]);
@@ -195,9 +199,8 @@ async fn tolerant_of_real_client_habits() {
     assert_eq!(res.status(), 200);
 }
 
-#[tokio::test]
-async fn bad_events_are_refused_and_create_nothing() {
-    let app = TestApp::spawn().await;
+async fn bad_events_are_refused_and_create_nothing(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     app.subscribe("webinar.created", &rx.url).await;
     let ok = json!({"eventName": "webinar.created", "webinarKey": 1, "organizerKey": 1001});

@@ -3,7 +3,12 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::support::{Receiver, TestApp};
+use crate::support::{Backend, Receiver, TestApp};
+
+crate::on_both!(
+    the_validation_get_must_answer_200,
+    internal_addresses_are_refused_outside_dev_mode
+);
 
 async fn create(app: &TestApp, url: &str) -> (u16, String) {
     let res = app
@@ -20,9 +25,8 @@ async fn create(app: &TestApp, url: &str) -> (u16, String) {
     (status, v["description"].as_str().unwrap_or_default().to_string())
 }
 
-#[tokio::test]
-async fn the_validation_get_must_answer_200() {
-    let app = TestApp::spawn().await;
+async fn the_validation_get_must_answer_200(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     assert_eq!(create(&app, &rx.url).await.0, 201);
 
@@ -62,9 +66,8 @@ async fn the_validation_get_must_answer_200() {
     assert_eq!(res.status(), 400);
 }
 
-#[tokio::test]
-async fn internal_addresses_are_refused_outside_dev_mode() {
-    let app = TestApp::spawn_with(|a| a.dev = false).await;
+async fn internal_addresses_are_refused_outside_dev_mode(b: Backend) {
+    let app = TestApp::on_with(b, |a| a.dev = false).await;
     for (url, needle) in [
         ("http://example.com/hook", "https"),
         ("https://127.0.0.1/hook", "127.0.0.1"),

@@ -3,13 +3,14 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::support::{Receiver, TestApp};
+use crate::support::{Backend, Receiver, TestApp};
+
+crate::on_both!(pipedream_lifecycle, drupal_sync_with_a_php_client, prismatic_teardown);
 
 /// Pipedream (components/gotowebinar): create, wait, activate, subscribe; teardown deletes the webhook first and
 /// then the subscription the cascade already removed.
-#[tokio::test]
-async fn pipedream_lifecycle() {
-    let app = TestApp::spawn().await;
+async fn pipedream_lifecycle(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let h = |req: reqwest::RequestBuilder| {
         req.bearer_auth(&app.token)
@@ -73,9 +74,8 @@ async fn pipedream_lifecycle() {
 
 /// Drupal gotowebinar_sync: secret key with no body, per-event create, get, activate, subscribe with no callbackUrl.
 /// Its PHP client sends JSON with no Content-Type and reads empty 204/202 answers that must not be labelled JSON.
-#[tokio::test]
-async fn drupal_sync_with_a_php_client() {
-    let app = TestApp::spawn().await;
+async fn drupal_sync_with_a_php_client(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let php = |method: Method, path: &str, body: Option<Value>| {
         let mut req = app
@@ -137,9 +137,8 @@ async fn drupal_sync_with_a_php_client() {
 
 /// Prismatic: vendor Accept header on every call; teardown lists both collections with ?product=g2w, matches the
 /// exact callbackUrl string, and deletes the matches (often none).
-#[tokio::test]
-async fn prismatic_teardown() {
-    let app = TestApp::spawn().await;
+async fn prismatic_teardown(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let url = format!("{}?instance=abc&flow=Flow%201", rx.url);
     let p = |method: Method, path: &str, body: Option<Value>| {

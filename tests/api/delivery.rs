@@ -5,7 +5,24 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::support::{expected_signature, signed_with, Receiver, TestApp};
+use crate::support::{expected_signature, signed_with, Backend, Receiver, TestApp};
+
+crate::on_both!(
+    all_four_events_arrive_signed_and_byte_for_byte,
+    only_active_webhook_and_active_subscription_receive,
+    secret_key_rotation_with_valid_from_in_the_future,
+    webhook_secret_wins_and_no_key_means_unsigned,
+    publishing_is_idempotent_on_event_key,
+    failures_are_retried_and_every_attempt_logged,
+    a_slow_receiver_times_out_and_is_retried,
+    retry_after_is_honoured_on_429,
+    gone_deactivates_the_subscription,
+    a_receiver_that_is_down_gets_everything_when_it_comes_back,
+    exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_repaired,
+    deliveries_can_be_listed_filtered_and_paged,
+    standard_webhooks_headers_when_enabled,
+    shutdown_waits_for_in_flight_attempts
+);
 
 const SECS: Duration = Duration::from_secs(10);
 
@@ -58,9 +75,8 @@ fn the_independent_hmac_matches_the_reference_vector() {
     );
 }
 
-#[tokio::test]
-async fn all_four_events_arrive_signed_and_byte_for_byte() {
-    let app = TestApp::spawn().await;
+async fn all_four_events_arrive_signed_and_byte_for_byte(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let key = secret(&app, None).await;
     for event in [
@@ -95,9 +111,8 @@ async fn all_four_events_arrive_signed_and_byte_for_byte() {
     }
 }
 
-#[tokio::test]
-async fn only_active_webhook_and_active_subscription_receive() {
-    let app = TestApp::spawn().await;
+async fn only_active_webhook_and_active_subscription_receive(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     for (hook_state, sub_state) in [
         ("ACTIVE", "ACTIVE"),
@@ -128,9 +143,8 @@ async fn only_active_webhook_and_active_subscription_receive() {
     assert_eq!(got[0].path_and_query, "/hook/ACTIVE-ACTIVE");
 }
 
-#[tokio::test]
-async fn secret_key_rotation_with_valid_from_in_the_future() {
-    let app = TestApp::spawn().await;
+async fn secret_key_rotation_with_valid_from_in_the_future(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let old = secret(&app, None).await;
     app.subscribe("webinar.created", &rx.url).await;
@@ -151,9 +165,8 @@ async fn secret_key_rotation_with_valid_from_in_the_future() {
     assert!(signed_with(&got[1], &new), "the new key signs from its validFrom on");
 }
 
-#[tokio::test]
-async fn webhook_secret_wins_and_no_key_means_unsigned() {
-    let app = TestApp::spawn().await;
+async fn webhook_secret_wins_and_no_key_means_unsigned(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     app.subscribe("webinar.created", &rx.url).await;
     app.publish(webinar(1)).await;
@@ -189,9 +202,8 @@ async fn webhook_secret_wins_and_no_key_means_unsigned() {
     assert!(!signed_with(&got[1], &app_key));
 }
 
-#[tokio::test]
-async fn publishing_is_idempotent_on_event_key() {
-    let app = TestApp::spawn().await;
+async fn publishing_is_idempotent_on_event_key(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     app.subscribe("webinar.created", &rx.url).await;
     let mut ev = webinar(1);
@@ -207,9 +219,8 @@ async fn publishing_is_idempotent_on_event_key() {
     assert_eq!(app.deliveries("").await.len(), 1);
 }
 
-#[tokio::test]
-async fn failures_are_retried_and_every_attempt_logged() {
-    let app = TestApp::spawn().await;
+async fn failures_are_retried_and_every_attempt_logged(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     rx.respond(|n| (if n < 2 { 500 } else { 200 }, vec![], Duration::ZERO));
     app.subscribe("webinar.created", &rx.url).await;
@@ -232,9 +243,8 @@ async fn failures_are_retried_and_every_attempt_logged() {
     assert!(log.iter().all(|a| a["durationMs"].is_i64() && a["startedAt"].is_i64()));
 }
 
-#[tokio::test]
-async fn a_slow_receiver_times_out_and_is_retried() {
-    let app = TestApp::spawn_with(|a| a.attempt_timeout = Duration::from_millis(300)).await;
+async fn a_slow_receiver_times_out_and_is_retried(b: Backend) {
+    let app = TestApp::on_with(b, |a| a.attempt_timeout = Duration::from_millis(300)).await;
     let rx = Receiver::start().await;
     rx.respond(|n| {
         (
@@ -255,9 +265,8 @@ async fn a_slow_receiver_times_out_and_is_retried() {
     assert_eq!(d["attemptLog"][0]["error"], "timed out");
 }
 
-#[tokio::test]
-async fn retry_after_is_honoured_on_429() {
-    let app = TestApp::spawn().await;
+async fn retry_after_is_honoured_on_429(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     rx.respond(|n| {
         if n == 0 {
@@ -276,9 +285,8 @@ async fn retry_after_is_honoured_on_429() {
     );
 }
 
-#[tokio::test]
-async fn gone_deactivates_the_subscription() {
-    let app = TestApp::spawn().await;
+async fn gone_deactivates_the_subscription(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     rx.respond(|_| (410, vec![], Duration::ZERO));
     let (_, sk) = app.subscribe("webinar.created", &rx.url).await;
@@ -307,9 +315,8 @@ async fn gone_deactivates_the_subscription() {
     assert_eq!(out["events"][0]["deliveries"], 0);
 }
 
-#[tokio::test]
-async fn a_receiver_that_is_down_gets_everything_when_it_comes_back() {
-    let app = TestApp::spawn_with(|a| {
+async fn a_receiver_that_is_down_gets_everything_when_it_comes_back(b: Backend) {
+    let app = TestApp::on_with(b, |a| {
         a.retry_schedule =
             g2w_webhooks::config::parse_schedule("50ms,100ms,200ms,300ms,400ms,500ms,500ms,500ms").unwrap()
     })
@@ -336,9 +343,8 @@ async fn a_receiver_that_is_down_gets_everything_when_it_comes_back() {
     assert_eq!(keys, vec![1, 2, 3]);
 }
 
-#[tokio::test]
-async fn exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_repaired() {
-    let app = TestApp::spawn_with(|a| a.disable_after = Duration::from_millis(1)).await;
+async fn exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_repaired(b: Backend) {
+    let app = TestApp::on_with(b, |a| a.disable_after = Duration::from_millis(1)).await;
     let rx = Receiver::start().await;
     rx.respond(|_| (500, vec![], Duration::ZERO));
     let (_, sk) = app.subscribe("webinar.created", &rx.url).await;
@@ -393,9 +399,8 @@ async fn exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_r
     );
 }
 
-#[tokio::test]
-async fn deliveries_can_be_listed_filtered_and_paged() {
-    let app = TestApp::spawn().await;
+async fn deliveries_can_be_listed_filtered_and_paged(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let (wk, _) = app.subscribe("webinar.created", &rx.url).await;
     app.subscribe("registrant.joined", &rx.url).await;
@@ -446,9 +451,8 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-#[tokio::test]
-async fn standard_webhooks_headers_when_enabled() {
-    let app = TestApp::spawn_with(|a| a.standard_webhooks = true).await;
+async fn standard_webhooks_headers_when_enabled(b: Backend) {
+    let app = TestApp::on_with(b, |a| a.standard_webhooks = true).await;
     let rx = Receiver::start().await;
     let key = secret(&app, None).await;
     app.subscribe("webinar.created", &rx.url).await;
@@ -464,9 +468,8 @@ async fn standard_webhooks_headers_when_enabled() {
     assert_eq!(r.header("webhook-signature").unwrap(), format!("v1,{sig}"));
 }
 
-#[tokio::test]
-async fn shutdown_waits_for_in_flight_attempts() {
-    let app = TestApp::spawn().await;
+async fn shutdown_waits_for_in_flight_attempts(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     rx.respond(|_| (200, vec![], Duration::from_millis(300)));
     app.subscribe("webinar.created", &rx.url).await;

@@ -3,15 +3,21 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::support::{Receiver, TestApp};
+use crate::support::{Backend, Receiver, TestApp};
+
+crate::on_both!(
+    contract_forms_of_every_operation,
+    real_goto_forms,
+    secret_key_bodies_and_rotation_fields,
+    unsigned_webhook_says_so_and_own_secret_is_kept
+);
 
 fn hook_body(url: &str, event: &str) -> Value {
     json!({"product": "g2w", "eventName": event, "eventVersion": "1.0.0", "callbackUrl": url})
 }
 
-#[tokio::test]
-async fn contract_forms_of_every_operation() {
-    let app = TestApp::spawn().await;
+async fn contract_forms_of_every_operation(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
 
     // createWebhookSecretKey: 201 with secretKey (and the real fields).
@@ -154,9 +160,8 @@ async fn contract_forms_of_every_operation() {
     assert_eq!(res.status(), 404);
 }
 
-#[tokio::test]
-async fn real_goto_forms() {
-    let app = TestApp::spawn().await;
+async fn real_goto_forms(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
 
     // Empty lists still carry _embedded.
@@ -305,9 +310,8 @@ async fn real_goto_forms() {
     );
 }
 
-#[tokio::test]
-async fn secret_key_bodies_and_rotation_fields() {
-    let app = TestApp::spawn().await;
+async fn secret_key_bodies_and_rotation_fields(b: Backend) {
+    let app = TestApp::on(b).await;
     for body in [None, Some(json!({}))] {
         let res = app.call(Method::POST, "/webhooks/secretkey", body).await;
         assert_eq!(res.status(), 201);
@@ -332,9 +336,8 @@ async fn secret_key_bodies_and_rotation_fields() {
     assert!(v["description"].as_str().unwrap().contains("validFrom"));
 }
 
-#[tokio::test]
-async fn unsigned_webhook_says_so_and_own_secret_is_kept() {
-    let app = TestApp::spawn().await;
+async fn unsigned_webhook_says_so_and_own_secret_is_kept(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let h: Value = app
         .call(Method::POST, "/webhooks", Some(hook_body(&rx.url, "webinar.changed")))

@@ -2,11 +2,12 @@
 
 use serde_json::Value;
 
-use crate::support::TestApp;
+use crate::support::{Backend, TestApp};
 
-#[tokio::test]
-async fn served_document_covers_the_contract() {
-    let app = TestApp::spawn().await;
+crate::on_both!(served_document_covers_the_contract);
+
+async fn served_document_covers_the_contract(b: Backend) {
+    let app = TestApp::on(b).await;
     let served: Value = app
         .http
         .get(format!("{}/openapi.json", app.base))

@@ -30,14 +30,73 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
-impl TestApp {
-    pub async fn spawn() -> Self {
-        Self::spawn_with(|_| {}).await
+/// The database a test runs on. PostgreSQL tests run when `TEST_DATABASE_URL` is set, each in a schema of its own.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    Postgres(String),
+}
+
+impl Backend {
+    /// PostgreSQL when `TEST_DATABASE_URL` is set.
+    pub fn postgres() -> Option<Backend> {
+        std::env::var("TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .map(Backend::Postgres)
     }
 
-    pub async fn spawn_with(configure: impl FnOnce(&mut ServeArgs)) -> Self {
+    /// A fresh, empty database URL for one test.
+    pub async fn fresh_url(&self, dir: &std::path::Path) -> String {
+        match self {
+            Backend::Sqlite => format!("sqlite://{}", dir.join("test.db").display()),
+            Backend::Postgres(base) => {
+                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+                let pool = sqlx::PgPool::connect(base).await.expect("connect to TEST_DATABASE_URL");
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(&pool)
+                    .await
+                    .expect("create schema");
+                pool.close().await;
+                let sep = if base.contains('?') { '&' } else { '?' };
+                format!("{base}{sep}options[search_path]={schema}")
+            }
+        }
+    }
+}
+
+/// Runs each named `async fn(Backend)` as two tests, on SQLite and on PostgreSQL; the PostgreSQL one prints a
+/// skip line when `TEST_DATABASE_URL` is unset.
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    super::$name($crate::support::Backend::Sqlite).await
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    match $crate::support::Backend::postgres() {
+                        Some(b) => super::$name(b).await,
+                        None => eprintln!("SKIPPED {}::postgres: set TEST_DATABASE_URL to run it", stringify!($name)),
+                    }
+                }
+            }
+        )*
+    };
+}
+
+impl TestApp {
+    pub async fn on(backend: Backend) -> Self {
+        Self::on_with(backend, |_| {}).await
+    }
+
+    pub async fn on_with(backend: Backend, configure: impl FnOnce(&mut ServeArgs)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let db_url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let db_url = backend.fresh_url(dir.path()).await;
         let mut args = ServeArgs::for_database(&db_url);
         args.admin_token = Some(ADMIN.into());
         args.retry_schedule = g2w_webhooks::config::parse_schedule("20ms,20ms,20ms").expect("schedule");

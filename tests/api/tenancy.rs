@@ -3,11 +3,16 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::support::{Receiver, TestApp};
+use crate::support::{Backend, Receiver, TestApp};
 
-#[tokio::test]
-async fn applications_and_organizers_are_isolated() {
-    let app = TestApp::spawn().await;
+crate::on_both!(
+    applications_and_organizers_are_isolated,
+    missing_unknown_and_revoked_tokens_get_403,
+    tokens_are_stored_only_as_hashes
+);
+
+async fn applications_and_organizers_are_isolated(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let a1 = app.token.clone();
     let a2 = app.token_for("app-a", 2002).await; // same application, another organizer
@@ -126,9 +131,8 @@ async fn applications_and_organizers_are_isolated() {
     assert_eq!(out["events"][0]["deliveries"], 0);
 }
 
-#[tokio::test]
-async fn missing_unknown_and_revoked_tokens_get_403() {
-    let app = TestApp::spawn().await;
+async fn missing_unknown_and_revoked_tokens_get_403(b: Backend) {
+    let app = TestApp::on(b).await;
     let res = app.http.get(app.api("/webhooks?product=g2w")).send().await.unwrap();
     assert_eq!(res.status(), 403);
     let v: Value = res.json().await.unwrap();
@@ -171,15 +175,20 @@ async fn missing_unknown_and_revoked_tokens_get_403() {
     assert_eq!(res.status(), 403);
 }
 
-#[tokio::test]
-async fn tokens_are_stored_only_as_hashes() {
-    let app = TestApp::spawn().await;
-    let raw = std::fs::read(app.db_url.trim_start_matches("sqlite://")).unwrap();
-    let wal = std::fs::read(format!("{}-wal", app.db_url.trim_start_matches("sqlite://"))).unwrap_or_default();
-    for bytes in [raw, wal] {
-        assert!(
-            !bytes.windows(app.token.len()).any(|w| w == app.token.as_bytes()),
-            "raw token found on disk"
-        );
+async fn tokens_are_stored_only_as_hashes(b: Backend) {
+    let app = TestApp::on(b).await;
+    let hash = g2w_webhooks::http::extract::hash_token(&app.token);
+    if let Some(path) = app.db_url.strip_prefix("sqlite://") {
+        let raw = std::fs::read(path).unwrap();
+        let wal = std::fs::read(format!("{path}-wal")).unwrap_or_default();
+        for bytes in [raw, wal] {
+            assert!(!bytes.windows(app.token.len()).any(|w| w == app.token.as_bytes()), "raw token found on disk");
+        }
+    } else {
+        let pool = sqlx::PgPool::connect(&app.db_url).await.unwrap();
+        let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM tokens").fetch_all(&pool).await.unwrap();
+        assert!(stored.contains(&hash));
+        assert!(!stored.iter().any(|t| t.contains(&app.token)));
     }
+    assert!(app.store.find_token(&hash).await.unwrap().is_some());
 }

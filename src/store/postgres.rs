@@ -1,0 +1,338 @@
+//! PostgreSQL store: the scale-out path. Several nodes share one database; deliveries are claimed with
+//! `FOR UPDATE SKIP LOCKED` under a lease that expires, and `LISTEN/NOTIFY` wakes idle workers on every node.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+
+use super::common::sql_store;
+use super::*;
+use crate::domain::{format_ms, new_key, now_ms, State};
+
+/// The channel that announces deliveries any node may take.
+const WORK_CHANNEL: &str = "g2w_work";
+
+pub struct PgStore {
+    read: PgPool,
+    write: PgPool,
+}
+
+impl PgStore {
+    pub async fn open(url: &str, pool_size: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size.max(2))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+        Ok(Self {
+            read: pool.clone(),
+            write: pool,
+        })
+    }
+}
+
+/// Keeps a LISTEN connection open (reconnecting after failures) and calls `wake` on every notification.
+fn listen(pool: PgPool, wake: WorkSignal) {
+    tokio::spawn(async move {
+        loop {
+            let result: Result<(), sqlx::Error> = async {
+                let mut listener = PgListener::connect_with(&pool).await?;
+                listener.listen(WORK_CHANNEL).await?;
+                // A reconnect may have missed notifications: look for work once.
+                wake();
+                loop {
+                    listener.recv().await?;
+                    wake();
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+sql_store!(PgStore, Postgres, PgRow, {
+    async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
+        let now = now_ms();
+        let keys: Vec<String> = events.iter().map(|e| e.event_key.clone()).collect();
+        let orgs: Vec<i64> = events.iter().map(|e| e.organizer_key).collect();
+        let names: Vec<&str> = events.iter().map(|e| e.event_name.as_str()).collect();
+        let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.body.to_vec()).collect();
+        let mut tx = self.write.begin().await?;
+        let inserted: HashSet<String> = sqlx::query_scalar(
+            "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
+             SELECT k, o, n, b, 0, $5 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bytea[]) AS t(k, o, n, b) \
+             ON CONFLICT (event_key) DO NOTHING RETURNING event_key",
+        )
+        .bind(&keys)
+        .bind(&orgs)
+        .bind(&names)
+        .bind(&bodies)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let fresh: Vec<&String> = keys.iter().filter(|k| inserted.contains(*k)).collect();
+        let rows = if fresh.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(
+                "WITH t AS ( \
+                   SELECT e.event_key, e.event_name, s.subscription_key, s.app_id, s.webhook_key, \
+                          COALESCE(s.callback_url, w.callback_url) AS url, w.secret_key \
+                   FROM events e \
+                   JOIN user_subscriptions s ON s.organizer_key = e.organizer_key AND s.state = 'ACTIVE' \
+                   JOIN webhooks w ON w.webhook_key = s.webhook_key AND w.event_name = e.event_name AND w.state = 'ACTIVE' \
+                   WHERE e.event_key = ANY($1)), \
+                 ins AS ( \
+                   INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+                     attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) \
+                   SELECT event_key, event_name, app_id, webhook_key, subscription_key, url, 'pending', 0, $2, $3, $4, $2, $2 \
+                   FROM t RETURNING id, event_key, subscription_key) \
+                 SELECT ins.id, ins.event_key, t.subscription_key, t.app_id, t.url, t.secret_key \
+                 FROM ins JOIN t ON t.event_key = ins.event_key AND t.subscription_key = ins.subscription_key",
+            )
+            .bind(&fresh)
+            .bind(now)
+            .bind(lease.as_ref().map(|l| l.owner.as_str()))
+            .bind(lease.as_ref().map_or(0, |l| l.until))
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        if !rows.is_empty() {
+            sqlx::query(
+                "UPDATE events SET deliveries = c.n FROM ( \
+                   SELECT event_key, COUNT(*) AS n FROM deliveries WHERE event_key = ANY($1) GROUP BY event_key) c \
+                 WHERE events.event_key = c.event_key",
+            )
+            .bind(&fresh)
+            .execute(&mut *tx)
+            .await?;
+            if lease.is_none() {
+                sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(WORK_CHANNEL)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let dup_keys: Vec<&String> = keys.iter().filter(|k| !inserted.contains(*k)).collect();
+        let earlier: HashMap<String, i64> = if dup_keys.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query("SELECT event_key, deliveries FROM events WHERE event_key = ANY($1)")
+                .bind(&dup_keys)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get("event_key")?, r.try_get("deliveries")?)))
+                .collect::<Result<_>>()?
+        };
+        tx.commit().await?;
+
+        let bodies: HashMap<&str, &Bytes> = events.iter().map(|e| (e.event_key.as_str(), &e.body)).collect();
+        let mut jobs: HashMap<String, Vec<DeliveryJob>> = HashMap::new();
+        for r in &rows {
+            let event_key: String = r.try_get("event_key")?;
+            let job = DeliveryJob {
+                id: r.try_get("id")?,
+                body: bodies.get(event_key.as_str()).map(|b| (*b).clone()).unwrap_or_default(),
+                event_key: event_key.clone(),
+                app_id: r.try_get("app_id")?,
+                subscription_key: r.try_get("subscription_key")?,
+                url: r.try_get("url")?,
+                webhook_secret: r.try_get("secret_key")?,
+                attempts: 0,
+                lease_until: lease.as_ref().map_or(0, |l| l.until),
+            };
+            jobs.entry(event_key).or_default().push(job);
+        }
+        let mut seen = HashSet::new();
+        Ok(events
+            .iter()
+            .map(|e| {
+                let first = seen.insert(e.event_key.clone()) && inserted.contains(&e.event_key);
+                if first {
+                    let created = jobs.remove(&e.event_key).unwrap_or_default();
+                    PublishOutcome {
+                        event_key: e.event_key.clone(),
+                        deliveries: created.len() as i64,
+                        duplicate: false,
+                        jobs: if lease.is_some() { created } else { Vec::new() },
+                    }
+                } else {
+                    PublishOutcome {
+                        event_key: e.event_key.clone(),
+                        deliveries: earlier.get(&e.event_key).copied().unwrap_or_default(),
+                        duplicate: true,
+                        jobs: Vec::new(),
+                    }
+                }
+            })
+            .collect())
+    }
+
+    async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
+        let mut tx = self.write.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "WITH c AS (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
+               AND lease_until < $3 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             UPDATE deliveries d SET lease_owner = $1, lease_until = $2 FROM c WHERE d.id = c.id RETURNING d.id",
+        )
+        .bind(&lease.owner)
+        .bind(lease.until)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if ids.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, e.body, w.secret_key \
+             FROM deliveries d JOIN events e ON e.event_key = d.event_key \
+             LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key WHERE d.id = ANY($1) ORDER BY d.next_attempt_at",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        jobs_from_rows(&rows, lease.until)
+    }
+
+    async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {
+        let now = now_ms();
+        let mut results = results;
+        // A stable lock order keeps concurrent nodes from deadlocking on the same rows.
+        results.sort_by_key(|r| r.delivery_id);
+        let col = |f: &dyn Fn(&AttemptRecord) -> i64| results.iter().map(f).collect::<Vec<i64>>();
+        let ids = col(&|r| r.delivery_id);
+        let numbers = col(&|r| r.number);
+        let started = col(&|r| r.started_at);
+        let durations = col(&|r| r.duration_ms);
+        let statuses: Vec<Option<i64>> = results.iter().map(|r| r.status_code).collect();
+        let errors: Vec<Option<String>> = results.iter().map(|r| r.error.clone()).collect();
+        let excerpts: Vec<Option<String>> = results.iter().map(|r| r.response_excerpt.clone()).collect();
+        let nodes: Vec<&str> = results.iter().map(|r| r.node.as_str()).collect();
+        let (states, nexts): (Vec<&str>, Vec<i64>) = results
+            .iter()
+            .map(|r| match r.outcome {
+                Outcome::Delivered => ("delivered", now),
+                Outcome::RetryAt(at) => ("pending", at),
+                Outcome::Failed | Outcome::Gone => ("failed", now),
+            })
+            .unzip();
+        let subs = |pred: &dyn Fn(&Outcome) -> bool| {
+            let mut v: Vec<&str> = results
+                .iter()
+                .filter(|r| pred(&r.outcome))
+                .map(|r| r.subscription_key.as_str())
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let delivered = subs(&|o| *o == Outcome::Delivered);
+        let gone = subs(&|o| *o == Outcome::Gone);
+        let failing = subs(&|o| matches!(o, Outcome::RetryAt(_) | Outcome::Failed));
+
+        let mut tx = self.write.begin().await?;
+        sqlx::query(
+            "INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, response_excerpt) \
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::text[])",
+        )
+        .bind(&ids)
+        .bind(&numbers)
+        .bind(&nodes)
+        .bind(&started)
+        .bind(&durations)
+        .bind(&statuses)
+        .bind(&errors)
+        .bind(&excerpts)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE deliveries d SET state = u.state, attempts = u.number, next_attempt_at = u.next, lease_owner = NULL, \
+               lease_until = 0, last_status = u.status, last_error = u.error, updated_at = $7 \
+             FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[]) \
+               AS u(id, state, number, next, status, error) WHERE d.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(&numbers)
+        .bind(&nexts)
+        .bind(&statuses)
+        .bind(&errors)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if !failing.is_empty() {
+            sqlx::query(
+                "UPDATE user_subscriptions SET failing_since = COALESCE(failing_since, $1) \
+                 WHERE subscription_key = ANY($2)",
+            )
+            .bind(now)
+            .bind(&failing)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !delivered.is_empty() {
+            sqlx::query(
+                "UPDATE user_subscriptions SET failing_since = NULL \
+                 WHERE subscription_key = ANY($1) AND failing_since IS NOT NULL",
+            )
+            .bind(&delivered)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !failing.is_empty() {
+            sqlx::query(
+                "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
+                 WHERE subscription_key = ANY($2) AND state = 'ACTIVE' AND failing_since <= $3",
+            )
+            .bind(format!(
+                "every delivery failed for {} s; deactivated at {}",
+                disable_after_ms / 1000,
+                format_ms(now)
+            ))
+            .bind(&failing)
+            .bind(now - disable_after_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !gone.is_empty() {
+            sqlx::query(
+                "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
+                 WHERE subscription_key = ANY($2) AND state = 'ACTIVE'",
+            )
+            .bind(format!("the callback answered 410 Gone at {}", format_ms(now)))
+            .bind(&gone)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if results.iter().any(|r| matches!(r.outcome, Outcome::RetryAt(_))) {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(WORK_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn watch_for_work(&self, wake: WorkSignal) {
+        listen(self.write.clone(), wake);
+    }
+});
