@@ -88,12 +88,11 @@ async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Error {
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<&'static str> {
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|e| Error::Unavailable(format!("the database does not answer: {e}")))?;
-    Ok("ready")
+    match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => Ok("ready"),
+        Ok(Err(e)) => Err(Error::Unavailable(format!("the database does not answer: {e}"))),
+        Err(_) => Err(Error::Unavailable("the database does not answer within 2 s".into())),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -5,10 +5,12 @@
 
 mod bad_input;
 mod callbacks;
+mod cluster;
 mod compat;
 mod crash;
 mod delivery;
 mod management;
 mod openapi;
+mod store_contract;
 mod support;
 mod tenancy;

@@ -97,6 +97,20 @@ impl TestApp {
     pub async fn on_with(backend: Backend, configure: impl FnOnce(&mut ServeArgs)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let db_url = backend.fresh_url(dir.path()).await;
+        Self::start(db_url, dir, configure).await
+    }
+
+    /// A node on a database URL prepared by the caller.
+    pub async fn start_on_url(db_url: String, dir: tempfile::TempDir) -> Self {
+        Self::start(db_url, dir, |_| {}).await
+    }
+
+    /// Another node on the same database (PostgreSQL scale-out).
+    pub async fn join(&self, configure: impl FnOnce(&mut ServeArgs)) -> Self {
+        Self::start(self.db_url.clone(), tempfile::tempdir().expect("temp dir"), configure).await
+    }
+
+    async fn start(db_url: String, dir: tempfile::TempDir, configure: impl FnOnce(&mut ServeArgs)) -> Self {
         let mut args = ServeArgs::for_database(&db_url);
         args.admin_token = Some(ADMIN.into());
         args.retry_schedule = g2w_webhooks::config::parse_schedule("20ms,20ms,20ms").expect("schedule");
@@ -418,5 +432,49 @@ pub fn signed_with(r: &Received, key: &str) -> bool {
     ) {
         (Some(sig), Some(ts)) => expected_signature(key, &ts, &r.body) == sig,
         _ => false,
+    }
+}
+
+/// A TCP proxy whose link can be cut and restored, to take a database away from a node for a while.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (u, c) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !u.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().expect("lock").push(task.abort_handle());
+            }
+        });
+        Self { port, up, conns }
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    pub fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }

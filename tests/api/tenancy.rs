@@ -182,11 +182,17 @@ async fn tokens_are_stored_only_as_hashes(b: Backend) {
         let raw = std::fs::read(path).unwrap();
         let wal = std::fs::read(format!("{path}-wal")).unwrap_or_default();
         for bytes in [raw, wal] {
-            assert!(!bytes.windows(app.token.len()).any(|w| w == app.token.as_bytes()), "raw token found on disk");
+            assert!(
+                !bytes.windows(app.token.len()).any(|w| w == app.token.as_bytes()),
+                "raw token found on disk"
+            );
         }
     } else {
         let pool = sqlx::PgPool::connect(&app.db_url).await.unwrap();
-        let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM tokens").fetch_all(&pool).await.unwrap();
+        let stored: Vec<String> = sqlx::query_scalar("SELECT token_hash FROM tokens")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
         assert!(stored.contains(&hash));
         assert!(!stored.iter().any(|t| t.contains(&app.token)));
     }

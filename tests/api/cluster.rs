@@ -1,0 +1,268 @@
+//! Scale-out on PostgreSQL: several nodes on one database share the work, survive a node's death and the
+//! database going away for a while. These tests need PostgreSQL (TEST_DATABASE_URL) and skip without it.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::support::{eventually, Backend, Proxy, Receiver, TestApp};
+
+fn postgres(test: &str) -> Option<String> {
+    match Backend::postgres() {
+        Some(Backend::Postgres(url)) => Some(url),
+        _ => {
+            eprintln!("SKIPPED cluster::{test}: set TEST_DATABASE_URL to run it");
+            None
+        }
+    }
+}
+
+fn events(from: i64, n: i64) -> Value {
+    json!((from..from + n)
+        .map(|i| json!({"eventName": "webinar.created", "webinarKey": i, "organizerKey": 1001}))
+        .collect::<Vec<_>>())
+}
+
+/// No delivery was attempted by two nodes at overlapping times, according to the attempt log.
+async fn assert_no_overlapping_attempts(db_url: &str) {
+    let pool = sqlx::PgPool::connect(db_url).await.unwrap();
+    let rows: Vec<(i64, String, i64, i64)> = sqlx::query_as(
+        "SELECT delivery_id, node, started_at, duration_ms FROM attempts ORDER BY delivery_id, started_at",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut by_delivery: HashMap<i64, Vec<(String, i64, i64)>> = HashMap::new();
+    for (id, node, start, dur) in rows {
+        by_delivery.entry(id).or_default().push((node, start, start + dur));
+    }
+    for (id, attempts) in by_delivery {
+        for w in attempts.windows(2) {
+            assert!(
+                w[0].0 == w[1].0 || w[1].1 >= w[0].2,
+                "delivery {id} was attempted by {} and {} at once",
+                w[0].0,
+                w[1].0
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_nodes_share_ten_thousand_events() {
+    let Some(url) = postgres("two_nodes_share_ten_thousand_events") else {
+        return;
+    };
+    let a = TestApp::on(Backend::Postgres(url)).await;
+    let b = a.join(|_| {}).await;
+    let rx = Receiver::start().await;
+    a.subscribe("webinar.created", &rx.url).await;
+    let mut acknowledged = HashSet::new();
+    for batch in 0..20 {
+        let node = if batch % 2 == 0 { &a } else { &b };
+        let out = node.publish(events(batch * 500, 500)).await;
+        for e in out["events"].as_array().unwrap() {
+            assert_eq!(e["deliveries"], 1);
+            acknowledged.insert(e["eventKey"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(acknowledged.len(), 10_000);
+    eventually("10,000 callbacks", Duration::from_secs(120), || async {
+        rx.count() >= 10_000
+    })
+    .await;
+    let seen: HashSet<String> = rx
+        .received()
+        .iter()
+        .map(|r| r.json()["eventKey"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen, acknowledged);
+    assert_no_overlapping_attempts(&a.db_url).await;
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_g2w-webhooks");
+
+fn node(db: &str, port: u16) -> Child {
+    Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--database-url",
+            db,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--admin-token",
+            "cluster-admin",
+            "--lease",
+            "3s",
+            "--attempt-timeout",
+            "1s",
+        ])
+        .args([
+            "--max-in-flight",
+            "32",
+            "--poll-interval",
+            "200ms",
+            "--retry-schedule",
+            "100ms,200ms,500ms,1s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a node")
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_run_loses_nothing() {
+    let Some(url) = postgres("a_node_killed_mid_run_loses_nothing") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Backend::Postgres(url).fresh_url(dir.path()).await;
+    let http = reqwest::Client::new();
+    let rx = Receiver::start().await;
+    rx.respond(|_| (200, vec![], Duration::from_millis(20)));
+    let ports = [free_port(), free_port()];
+    let mut nodes: Vec<Child> = ports.iter().map(|p| node(&db, *p)).collect();
+    for p in ports {
+        eventually("node ready", Duration::from_secs(20), || async {
+            http.get(format!("http://127.0.0.1:{p}/readyz"))
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+        })
+        .await;
+    }
+    let store = g2w_webhooks::store::connect(&db, 2, "full").await.unwrap();
+    let token = g2w_webhooks::issue_token(&store, "cluster", 1001).await.unwrap();
+    let api = format!("http://127.0.0.1:{}/G2W/rest/v2", ports[0]);
+    let res = http.post(format!("{api}/webhooks")).bearer_auth(&token)
+        .json(&json!([{"product": "g2w", "eventName": "webinar.created", "eventVersion": "1.0.0", "callbackUrl": rx.url}]))
+        .send().await.unwrap();
+    let wk = res.json::<Value>().await.unwrap()["_embedded"]["webhooks"][0]["webhookKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    http.put(format!("{api}/webhooks"))
+        .bearer_auth(&token)
+        .json(&json!([{"webhookKey": wk, "state": "ACTIVE"}]))
+        .send()
+        .await
+        .unwrap();
+    http.post(format!("{api}/userSubscriptions"))
+        .bearer_auth(&token)
+        .json(&json!([{"webhookKey": wk}]))
+        .send()
+        .await
+        .unwrap();
+
+    let mut acknowledged = HashSet::new();
+    for batch in 0..10 {
+        let port = ports[batch % 2];
+        let res = http
+            .post(format!("http://127.0.0.1:{port}/admin/v1/events"))
+            .bearer_auth("cluster-admin")
+            .json(&events(batch as i64 * 200, 200))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 202);
+        for e in res.json::<Value>().await.unwrap()["events"].as_array().unwrap() {
+            acknowledged.insert(e["eventKey"].as_str().unwrap().to_string());
+        }
+    }
+    eventually("some deliveries", Duration::from_secs(20), || async {
+        rx.count() >= 100
+    })
+    .await;
+    nodes[0].kill().expect("SIGKILL");
+    nodes[0].wait().unwrap();
+    eventually("every acknowledged event", Duration::from_secs(120), || async {
+        let seen: HashSet<String> = rx
+            .received()
+            .iter()
+            .map(|r| r.json()["eventKey"].as_str().unwrap().to_string())
+            .collect();
+        acknowledged.is_subset(&seen)
+    })
+    .await;
+    let duplicates = rx.count() - acknowledged.len();
+    assert!(
+        duplicates <= 32,
+        "duplicates ({duplicates}) bounded by the attempts in flight at the kill"
+    );
+    assert_no_overlapping_attempts(&db).await;
+    nodes[1].kill().ok();
+    nodes[1].wait().ok();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_node_recovers_when_its_database_returns() {
+    let Some(url) = postgres("a_node_recovers_when_its_database_returns") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Backend::Postgres(url.clone()).fresh_url(dir.path()).await;
+    let target = {
+        let u = reqwest::Url::parse(&url).unwrap();
+        format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
+    };
+    let proxy = Proxy::start(target.clone()).await;
+    let proxied = db.replacen(&target, &format!("127.0.0.1:{}", proxy.port), 1);
+    let app = TestApp::start_on_url(proxied, dir).await;
+    let rx = Receiver::start().await;
+    app.subscribe("webinar.created", &rx.url).await;
+    app.publish(events(0, 50)).await;
+    rx.wait_for(50, Duration::from_secs(10)).await;
+
+    proxy.down();
+    eventually("readyz 503", Duration::from_secs(10), || async {
+        app.http
+            .get(format!("{}/readyz", app.base))
+            .send()
+            .await
+            .map(|r| r.status() == 503)
+            .unwrap_or(false)
+    })
+    .await;
+    let res = app.admin(Method::POST, "/events", Some(events(50, 1))).await;
+    assert_eq!(
+        res.status(),
+        503,
+        "publishing while the database is away is refused, not half-done"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    proxy.up();
+    eventually("readyz 200", Duration::from_secs(20), || async {
+        app.http
+            .get(format!("{}/readyz", app.base))
+            .send()
+            .await
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    })
+    .await;
+    app.publish(events(100, 50)).await;
+    rx.wait_for(100, Duration::from_secs(20)).await;
+    let keys: HashSet<i64> = rx
+        .received()
+        .iter()
+        .map(|r| r.json()["webinarKey"].as_i64().unwrap())
+        .collect();
+    assert!((0..50).chain(100..150).all(|k| keys.contains(&k)));
+}

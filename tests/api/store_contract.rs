@@ -1,0 +1,231 @@
+//! The storage trait's contract, run against both backends: every `Store` must behave the same.
+
+use bytes::Bytes;
+use g2w_webhooks::domain::{EventName, NewSubscription, NewWebhook, State, Tenant, WebhookChange};
+use g2w_webhooks::store::{self, AttemptRecord, DeliveryFilter, DynStore, Lease, NewEvent, Outcome, RetryTarget};
+
+use crate::support::Backend;
+
+crate::on_both!(
+    tenancy_scoping,
+    publish_fan_out_and_idempotence,
+    claims_are_exclusive_until_the_lease_expires,
+    attempts_move_deliveries_through_their_states
+);
+
+async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = b.fresh_url(dir.path()).await;
+    (store::connect(&url, 4, "normal").await.unwrap(), dir)
+}
+
+/// An application with an ACTIVE webhook for `event` and an ACTIVE subscription of `organizer`.
+async fn subscribed(s: &DynStore, app: &str, organizer: i64, event: EventName) -> (Tenant, String, String) {
+    let app_id = s.ensure_app(app).await.unwrap();
+    let t = Tenant {
+        app_id,
+        organizer_key: organizer,
+    };
+    let hook = s
+        .create_webhooks(
+            app_id,
+            vec![NewWebhook {
+                event_name: event,
+                event_version: "1.0.0".into(),
+                callback_url: format!("https://{app}.example/{organizer}"),
+                secret_key: None,
+            }],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    s.update_webhooks(
+        app_id,
+        vec![WebhookChange {
+            key: hook.key.clone(),
+            state: Some(State::Active),
+            callback_url: None,
+        }],
+    )
+    .await
+    .unwrap();
+    let sub = s
+        .create_subscriptions(
+            t,
+            vec![NewSubscription {
+                webhook_key: hook.key.clone(),
+                callback_url: None,
+                state: State::Active,
+            }],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    (t, hook.key, sub.key)
+}
+
+fn event(key: &str, organizer: i64) -> NewEvent {
+    NewEvent {
+        event_key: key.into(),
+        organizer_key: organizer,
+        event_name: EventName::WebinarCreated,
+        body: Bytes::from_static(b"{}"),
+    }
+}
+
+fn lease(owner: &str, ms: i64) -> Lease {
+    Lease {
+        owner: owner.into(),
+        until: g2w_webhooks::domain::now_ms() + ms,
+    }
+}
+
+async fn tenancy_scoping(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (a, wk, sk) = subscribed(&s, "a", 1, EventName::WebinarCreated).await;
+    let other_app = Tenant {
+        app_id: s.ensure_app("b").await.unwrap(),
+        organizer_key: 1,
+    };
+    let other_org = Tenant {
+        app_id: a.app_id,
+        organizer_key: 2,
+    };
+    assert!(s.get_webhook(other_app.app_id, &wk).await.unwrap().is_none());
+    assert!(s.get_subscription(other_org, &sk).await.unwrap().is_none());
+    assert!(s
+        .update_webhooks(
+            other_app.app_id,
+            vec![WebhookChange {
+                key: wk.clone(),
+                state: Some(State::Inactive),
+                callback_url: None
+            }]
+        )
+        .await
+        .is_err());
+    assert_eq!(
+        s.delete_subscriptions(other_org, std::slice::from_ref(&sk))
+            .await
+            .unwrap(),
+        0
+    );
+    s.delete_webhooks(other_app.app_id, std::slice::from_ref(&wk))
+        .await
+        .unwrap();
+    assert!(s.get_webhook(a.app_id, &wk).await.unwrap().is_some());
+    let sub = s.get_subscription(a, &sk).await.unwrap().unwrap();
+    assert_eq!(sub.activation_state(), State::Active);
+    s.delete_webhooks(a.app_id, &[wk]).await.unwrap();
+    assert!(
+        s.get_subscription(a, &sk).await.unwrap().is_none(),
+        "deleting a webhook deletes its subscriptions"
+    );
+}
+
+async fn publish_fan_out_and_idempotence(b: Backend) {
+    let (s, _dir) = open(b).await;
+    subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    subscribed(&s, "b", 7, EventName::WebinarCreated).await;
+    subscribed(&s, "c", 8, EventName::WebinarCreated).await;
+    let out = s
+        .publish(
+            vec![event("e1", 7), event("e2", 8), event("e1", 7)],
+            Some(lease("n1", 60_000)),
+        )
+        .await
+        .unwrap();
+    assert_eq!((out[0].deliveries, out[0].duplicate, out[0].jobs.len()), (2, false, 2));
+    assert_eq!((out[1].deliveries, out[1].jobs.len()), (1, 1));
+    assert!(out[2].duplicate && out[2].jobs.is_empty());
+    let again = s.publish(vec![event("e1", 7)], None).await.unwrap();
+    assert_eq!((again[0].deliveries, again[0].duplicate), (2, true));
+    let all = s
+        .list_deliveries(&DeliveryFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+}
+
+async fn claims_are_exclusive_until_the_lease_expires(b: Backend) {
+    let (s, _dir) = open(b).await;
+    subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let events: Vec<NewEvent> = (0..10).map(|i| event(&format!("e{i}"), 7)).collect();
+    s.publish(events, None).await.unwrap();
+    let now = g2w_webhooks::domain::now_ms();
+    let first = s.claim_due(now, &lease("n1", 300), 6).await.unwrap();
+    let second = s.claim_due(now, &lease("n2", 300), 100).await.unwrap();
+    assert_eq!((first.len(), second.len()), (6, 4));
+    let ids: std::collections::HashSet<i64> = first.iter().chain(&second).map(|j| j.id).collect();
+    assert_eq!(ids.len(), 10, "no delivery handed out twice");
+    assert!(s.claim_due(now, &lease("n3", 300), 100).await.unwrap().is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    let later = g2w_webhooks::domain::now_ms();
+    assert_eq!(
+        s.claim_due(later, &lease("n3", 60_000), 100).await.unwrap().len(),
+        10,
+        "expired leases return"
+    );
+    assert_eq!(s.release_leases(Some("n3")).await.unwrap(), 10);
+    assert_eq!(s.next_due(later).await.unwrap().map(|t| t <= later), Some(true));
+}
+
+async fn attempts_move_deliveries_through_their_states(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (t, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let jobs: Vec<_> = s
+        .publish(
+            vec![event("ok", 7), event("retry", 7), event("gone", 7)],
+            Some(lease("n", 60_000)),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|o| o.jobs)
+        .collect();
+    let now = g2w_webhooks::domain::now_ms();
+    let rec = |id: i64, outcome: Outcome, status: i64| AttemptRecord {
+        delivery_id: id,
+        subscription_key: sk.clone(),
+        number: 1,
+        node: "n".into(),
+        started_at: now,
+        duration_ms: 3,
+        status_code: Some(status),
+        error: None,
+        response_excerpt: Some("body".into()),
+        outcome,
+    };
+    s.record_attempts(
+        vec![
+            rec(jobs[0].id, Outcome::Delivered, 200),
+            rec(jobs[1].id, Outcome::RetryAt(now + 60_000), 500),
+        ],
+        86_400_000,
+    )
+    .await
+    .unwrap();
+    let (d, attempts) = s.get_delivery(jobs[0].id).await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.attempts, attempts.len()), ("delivered", 1, 1));
+    assert_eq!(attempts[0].response_excerpt.as_deref(), Some("body"));
+    let (d, _) = s.get_delivery(jobs[1].id).await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.next_attempt_at), ("pending", now + 60_000));
+    assert_eq!(s.queue_stats().await.unwrap().waiting, 2);
+    s.record_attempts(vec![rec(jobs[2].id, Outcome::Gone, 410)], 86_400_000)
+        .await
+        .unwrap();
+    let sub = s.get_subscription(t, &sk).await.unwrap().unwrap();
+    assert_eq!(sub.state, State::Inactive);
+    assert!(sub.inactive_reason.unwrap().contains("410"));
+    assert_eq!(
+        s.retry_deliveries(RetryTarget::FailedOfSubscription(&sk))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.retry_deliveries(RetryTarget::Event("ok")).await.unwrap(), 1);
+    assert_eq!(s.get_delivery(jobs[0].id).await.unwrap().unwrap().0.state, "pending");
+}
