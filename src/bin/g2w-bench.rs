@@ -1,0 +1,550 @@
+//! g2w-bench: measures g2w-webhooks end to end on loopback, next to the ceiling of the same machine.
+//!
+//! For each backend and scenario it starts a fresh server (the `g2w-webhooks` binary beside this one) on a fresh
+//! database, a receiver and a publisher in this process, and reports figures with their ratio to the ceiling:
+//! the same receiver driven directly by the same HTTP client at the same concurrency.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{Method, StatusCode};
+use clap::Parser;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "g2w-bench", about = "Benchmark g2w-webhooks against the machine's own ceiling")]
+struct Args {
+    /// Backends: sqlite, postgres.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    backends: Vec<String>,
+    /// Scenarios: throughput, fanout, latency, backlog, single, failing (backlog includes restart).
+    #[arg(long, value_delimiter = ',', default_value = "throughput,fanout,latency,backlog,single,failing")]
+    scenarios: Vec<String>,
+    /// PostgreSQL database for the postgres backend (each run uses a fresh schema).
+    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    postgres_url: String,
+    /// Events in the throughput scenario (one subscription each).
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Events per publish request in batched scenarios.
+    #[arg(long, default_value_t = 1000)]
+    batch: u64,
+    /// Concurrent publishers in batched scenarios.
+    #[arg(long, default_value_t = 4)]
+    batch_publishers: usize,
+    /// Events in the fan-out scenario.
+    #[arg(long, default_value_t = 10_000)]
+    fanout_events: u64,
+    /// Subscriptions per event in the fan-out scenario.
+    #[arg(long, default_value_t = 50)]
+    fanout_subs: u64,
+    /// Events per second in the latency scenario.
+    #[arg(long, default_value_t = 500)]
+    latency_rate: u64,
+    /// Seconds the latency scenario lasts.
+    #[arg(long, default_value_t = 30)]
+    latency_secs: u64,
+    /// Deliveries waiting in the backlog scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: u64,
+    /// Events in the one-event-per-request scenario.
+    #[arg(long, default_value_t = 50_000)]
+    single_events: u64,
+    /// Concurrent publishers in the one-event-per-request scenario.
+    #[arg(long, default_value_t = 32)]
+    publishers: usize,
+    /// Events in the failing-receiver scenario.
+    #[arg(long, default_value_t = 20_000)]
+    failing_events: u64,
+    /// The server's --max-in-flight, and the ceiling's concurrency.
+    #[arg(long, default_value_t = 256)]
+    max_in_flight: usize,
+    /// Tiny sizes for CI: checks every scenario runs and every event arrives, in seconds.
+    #[arg(long)]
+    smoke: bool,
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Figure {
+    backend: String,
+    scenario: String,
+    metric: String,
+    value: f64,
+    unit: String,
+    /// Ratio to the ceiling, where the figure is a rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    of_ceiling: Option<f64>,
+}
+
+/// What the receiver saw.
+#[derive(Default)]
+struct Seen {
+    count: AtomicU64,
+    /// Arrival of each webinarKey (the publisher numbers events), for latency and completeness.
+    arrivals: Mutex<HashMap<i64, Instant>>,
+    last: Mutex<Option<Instant>>,
+    fail_every_third: AtomicBool,
+    record_arrivals: AtomicBool,
+}
+
+#[derive(serde::Deserialize)]
+struct KeyOnly {
+    #[serde(rename = "webinarKey")]
+    webinar_key: i64,
+}
+
+async fn receive(State(seen): State<Arc<Seen>>, method: Method, body: Bytes) -> StatusCode {
+    if method == Method::GET {
+        return StatusCode::OK;
+    }
+    let n = seen.count.fetch_add(1, Ordering::Relaxed);
+    if seen.fail_every_third.load(Ordering::Relaxed) && n % 3 == 2 {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let now = Instant::now();
+    if seen.record_arrivals.load(Ordering::Relaxed) {
+        if let Ok(k) = serde_json::from_slice::<KeyOnly>(&body) {
+            seen.arrivals.lock().expect("lock").entry(k.webinar_key).or_insert(now);
+        }
+    }
+    *seen.last.lock().expect("lock") = Some(now);
+    StatusCode::OK
+}
+
+async fn start_receiver(seen: Arc<Seen>) -> anyhow::Result<String> {
+    let app = axum::Router::new().fallback(receive).with_state(seen);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(format!("http://{addr}/hook"))
+}
+
+fn client(concurrency: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .tcp_nodelay(true)
+        .build()
+        .expect("client")
+}
+
+/// The ceiling: the receiver driven directly by the same client at the same concurrency.
+async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result<f64> {
+    let http = client(concurrency);
+    let body = Bytes::from(event(0, 1).to_string());
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (http, url, body, next) = (http.clone(), url.to_string(), body.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                let _ = http.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(requests as f64 / start.elapsed().as_secs_f64())
+}
+
+fn event(key: i64, organizer: i64) -> Value {
+    json!({"eventName": "webinar.created", "webinarKey": key, "organizerKey": organizer, "webinarTitle": "Benchmark webinar",
+           "experienceType": "CLASSIC", "recurrenceType": "single_session", "status": "NEW", "timeZone": "UTC",
+           "times": [{"startTime": "2030-01-01T10:00:00Z", "endTime": "2030-01-01T11:00:00Z"}], "accountKey": 77})
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Server {
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    async fn publish(&self, body: String) -> anyhow::Result<()> {
+        let res = self
+            .http
+            .post(format!("{}/admin/v1/events", self.base))
+            .bearer_auth("bench-admin")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        if res.status() != 202 {
+            bail!("publish answered {}: {}", res.status(), res.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+struct Bench {
+    args: Args,
+    bin: PathBuf,
+    figures: Vec<Figure>,
+    ceiling: f64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(18_999)
+}
+
+impl Bench {
+    fn record(&mut self, backend: &str, scenario: &str, metric: &str, value: f64, unit: &str, rate: bool) {
+        let of_ceiling = rate.then(|| value / self.ceiling);
+        self.figures.push(Figure {
+            backend: backend.into(),
+            scenario: scenario.into(),
+            metric: metric.into(),
+            value,
+            unit: unit.into(),
+            of_ceiling,
+        });
+        if !self.args.json {
+            eprintln!("  {backend:<8} {scenario:<10} {metric:<32} {value:>12.1} {unit}");
+        }
+    }
+
+    async fn fresh_db(&self, backend: &str, dir: &std::path::Path) -> anyhow::Result<String> {
+        if backend == "sqlite" {
+            return Ok(format!("sqlite://{}", dir.join("bench.db").display()));
+        }
+        let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&self.args.postgres_url).await.context("connecting to PostgreSQL")?;
+        sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await?;
+        pool.close().await;
+        let sep = if self.args.postgres_url.contains('?') { '&' } else { '?' };
+        Ok(format!("{}{sep}options[search_path]={schema}", self.args.postgres_url))
+    }
+
+    async fn start_server(&self, db: &str, extra: &[&str]) -> anyhow::Result<(Server, Duration)> {
+        let port = free_port();
+        let started = Instant::now();
+        let child = Command::new(&self.bin)
+            .args(["serve", "--dev", "--database-url", db, "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-token", "bench-admin", "--max-in-flight", &self.args.max_in_flight.to_string()])
+            .args(["--sqlite-synchronous", "full"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let http = client(64);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the server did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok((Server { child, base, http }, started.elapsed()))
+    }
+
+    /// A token, an ACTIVE webhook and `subs` ACTIVE subscriptions of organizer 1, each to its own path.
+    async fn subscribe(&self, server: &Server, db: &str, url: &str, subs: u64) -> anyhow::Result<()> {
+        let out = Command::new(&self.bin)
+            .args(["token", "create", "--app", "bench", "--organizer", "1", "--database-url", db])
+            .output()?;
+        let token = String::from_utf8(out.stdout)?.trim().to_string();
+        let api = format!("{}/G2W/rest/v2", server.base);
+        let res: Value = server
+            .http
+            .post(format!("{api}/webhooks"))
+            .bearer_auth(&token)
+            .json(&json!([{"product": "g2w", "eventName": "webinar.created", "eventVersion": "1.0.0", "callbackUrl": url}]))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let wk = res["_embedded"]["webhooks"][0]["webhookKey"].as_str().context("webhook key")?.to_string();
+        server
+            .http
+            .put(format!("{api}/webhooks"))
+            .bearer_auth(&token)
+            .json(&json!([{"webhookKey": wk, "state": "ACTIVE"}]))
+            .send()
+            .await?;
+        secret(server, &api, &token).await?;
+        let items: Vec<Value> = (0..subs).map(|i| json!({"webhookKey": wk, "callbackUrl": format!("{url}/{i}")})).collect();
+        for chunk in items.chunks(100) {
+            server.http.post(format!("{api}/userSubscriptions")).bearer_auth(&token).json(&chunk).send().await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes events 0..n in batches from several publishers; returns the publish phase's duration.
+    async fn publish_batched(&self, server: &Arc<Server>, n: u64, batch: u64, publishers: usize) -> anyhow::Result<Duration> {
+        let next = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..publishers {
+            let (server, next) = (server.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let from = next.fetch_add(batch, Ordering::Relaxed);
+                    if from >= n {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let events: Vec<Value> = (from..(from + batch).min(n)).map(|k| event(k as i64, 1)).collect();
+                    server.publish(Value::Array(events).to_string()).await?;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn wait_for(&self, seen: &Seen, n: u64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while seen.count.load(Ordering::Relaxed) < n {
+            if Instant::now() > deadline {
+                bail!("only {} of {n} callbacks arrived in {timeout:?}", seen.count.load(Ordering::Relaxed));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    fn complete(&self, seen: &Seen, n: u64) -> anyhow::Result<()> {
+        let arrivals = seen.arrivals.lock().expect("lock");
+        if let Some(k) = (0..n as i64).find(|k| !arrivals.contains_key(k)) {
+            bail!("event {k} never arrived");
+        }
+        Ok(())
+    }
+
+    async fn scenario(&mut self, backend: &str, scenario: &str) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let db = self.fresh_db(backend, dir.path()).await?;
+        let seen = Arc::new(Seen::default());
+        seen.record_arrivals.store(true, Ordering::Relaxed);
+        let url = start_receiver(seen.clone()).await?;
+        let a = self.args.clone();
+        let (events, batch, pubs, max_wait) = (a.events, a.batch, a.batch_publishers, Duration::from_secs(600));
+        match scenario {
+            "throughput" => {
+                let (server, _) = self.start_server(&db, &[]).await?;
+                self.subscribe(&server, &db, &url, 1).await?;
+                let server = Arc::new(server);
+                let start = Instant::now();
+                let publish = self.publish_batched(&server, events, batch, pubs).await?;
+                self.wait_for(&seen, events, max_wait).await?;
+                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                self.complete(&seen, events)?;
+                let rss = server.peak_rss_mib();
+                self.record(backend, scenario, "events accepted/s (batched)", events as f64 / publish.as_secs_f64(), "/s", false);
+                self.record(backend, scenario, "deliveries/s end to end", events as f64 / (end - start).as_secs_f64(), "/s", true);
+                self.record(backend, scenario, "peak server memory", rss, "MiB", false);
+                Arc::into_inner(server).context("server still shared")?.stop().await?;
+            }
+            "fanout" => {
+                let (server, _) = self.start_server(&db, &[]).await?;
+                self.subscribe(&server, &db, &url, a.fanout_subs).await?;
+                let server = Arc::new(server);
+                seen.record_arrivals.store(false, Ordering::Relaxed);
+                let total = a.fanout_events * a.fanout_subs;
+                let start = Instant::now();
+                self.publish_batched(&server, a.fanout_events, 100, pubs).await?;
+                self.wait_for(&seen, total, max_wait).await?;
+                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                self.record(backend, scenario, "deliveries/s end to end", total as f64 / (end - start).as_secs_f64(), "/s", true);
+                Arc::into_inner(server).context("server still shared")?.stop().await?;
+            }
+            "latency" => {
+                let (server, _) = self.start_server(&db, &[]).await?;
+                self.subscribe(&server, &db, &url, 1).await?;
+                let server = Arc::new(server);
+                let n = a.latency_rate * a.latency_secs;
+                let interval = Duration::from_secs_f64(1.0 / a.latency_rate as f64);
+                let sent: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let mut tasks = Vec::with_capacity(n as usize);
+                for k in 0..n as i64 {
+                    ticker.tick().await;
+                    let (server, sent) = (server.clone(), sent.clone());
+                    tasks.push(tokio::spawn(async move {
+                        sent.lock().expect("lock").insert(k, Instant::now());
+                        server.publish(event(k, 1).to_string()).await
+                    }));
+                }
+                for t in tasks {
+                    t.await??;
+                }
+                self.wait_for(&seen, n, max_wait).await?;
+                self.complete(&seen, n)?;
+                let arrivals = seen.arrivals.lock().expect("lock");
+                let sent = sent.lock().expect("lock");
+                let mut lat: Vec<f64> = (0..n as i64).map(|k| (arrivals[&k] - sent[&k]).as_secs_f64() * 1000.0).collect();
+                lat.sort_by(|x, y| x.total_cmp(y));
+                let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+                for (name, v) in [("p50", pct(0.5)), ("p90", pct(0.9)), ("p99", pct(0.99)), ("max", lat[lat.len() - 1])] {
+                    self.record(backend, scenario, &format!("publish to callback {name}"), v, "ms", false);
+                }
+                drop((arrivals, sent));
+                Arc::into_inner(server).context("server still shared")?.stop().await?;
+            }
+            "backlog" => {
+                // Deliveries pile up while no worker runs (an API-only node), then a node with workers starts on
+                // the same database: its start-up time, drain rate and peak memory are measured.
+                let (server, _) = self.start_server(&db, &["--no-worker"]).await?;
+                self.subscribe(&server, &db, &url, 1).await?;
+                let server = Arc::new(server);
+                seen.record_arrivals.store(false, Ordering::Relaxed);
+                self.publish_batched(&server, a.backlog, batch, pubs).await?;
+                Arc::into_inner(server).context("server still shared")?.stop().await?;
+                let (server, startup) = self.start_server(&db, &[]).await?;
+                let start = Instant::now();
+                self.record(backend, "restart", "start-up to serving with backlog", startup.as_secs_f64() * 1000.0, "ms", false);
+                self.wait_for(&seen, a.backlog, max_wait).await?;
+                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                self.record(backend, scenario, "drain deliveries/s", a.backlog as f64 / (end - start).as_secs_f64(), "/s", true);
+                self.record(backend, scenario, "peak server memory", server.peak_rss_mib(), "MiB", false);
+                server.stop().await?;
+            }
+            "single" => {
+                let (server, _) = self.start_server(&db, &[]).await?;
+                self.subscribe(&server, &db, &url, 1).await?;
+                let server = Arc::new(server);
+                let n = a.single_events;
+                let start = Instant::now();
+                self.publish_batched(&server, n, 1, a.publishers).await?;
+                self.wait_for(&seen, n, max_wait).await?;
+                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                self.complete(&seen, n)?;
+                let rate = n as f64 / (end - start).as_secs_f64();
+                self.record(backend, scenario, &format!("deliveries/s, 1 event/request, {} publishers", a.publishers), rate, "/s", true);
+                Arc::into_inner(server).context("server still shared")?.stop().await?;
+            }
+            "failing" => {
+                let (server, _) = self.start_server(&db, &["--retry-schedule", "1ms,2ms,5ms,10ms,20ms,50ms,100ms,200ms"]).await?;
+                self.subscribe(&server, &db, &url, 1).await?;
+                seen.fail_every_third.store(true, Ordering::Relaxed);
+                let server = Arc::new(server);
+                let n = a.failing_events;
+                let start = Instant::now();
+                self.publish_batched(&server, n, batch, pubs).await?;
+                let deadline = Instant::now() + max_wait;
+                while seen.arrivals.lock().expect("lock").len() < n as usize {
+                    if Instant::now() > deadline {
+                        bail!("not every event arrived past the failing receiver");
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                self.complete(&seen, n)?;
+                self.record(backend, scenario, "deliveries/s, every 3rd answer 500", n as f64 / (end - start).as_secs_f64(), "/s", true);
+                Arc::into_inner(server).context("server still shared")?.stop().await?;
+            }
+            other => bail!("unknown scenario {other}"),
+        }
+        Ok(())
+    }
+}
+
+async fn secret(server: &Server, api: &str, token: &str) -> anyhow::Result<()> {
+    server.http.post(format!("{api}/webhooks/secretkey")).bearer_auth(token).send().await?;
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let commit = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()).unwrap_or_default().trim().to_string();
+    json!({"cores": cores, "cpu": model, "commit": commit})
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        (args.events, args.fanout_events, args.fanout_subs, args.latency_rate, args.latency_secs) = (2000, 100, 5, 200, 2);
+        (args.backlog, args.single_events, args.failing_events, args.batch) = (3000, 500, 500, 200);
+    }
+    let bin = std::env::current_exe()?.with_file_name("g2w-webhooks");
+    if !bin.exists() {
+        bail!("{} not found: build it first (cargo build --release)", bin.display());
+    }
+    let seen = Arc::new(Seen::default());
+    let url = start_receiver(seen).await?;
+    let ceiling_requests = if args.smoke { 5000 } else { args.events };
+    let ceiling_rate = ceiling(&url, ceiling_requests, args.max_in_flight).await?;
+    let settings = json!({"events": args.events, "batch": args.batch, "batch_publishers": args.batch_publishers,
+        "fanout": [args.fanout_events, args.fanout_subs], "latency": [args.latency_rate, args.latency_secs],
+        "backlog": args.backlog, "single": [args.single_events, args.publishers], "failing": args.failing_events,
+        "max_in_flight": args.max_in_flight, "sqlite_synchronous": "full"});
+    if !args.json {
+        eprintln!("machine {}  settings {settings}", machine());
+        eprintln!("  ceiling: {ceiling_rate:.0} requests/s (reqwest, {} connections, same receiver)", args.max_in_flight);
+    }
+    let mut bench = Bench { bin, figures: Vec::new(), ceiling: ceiling_rate, args };
+    let backends = bench.args.backends.clone();
+    let scenarios = bench.args.scenarios.clone();
+    for backend in &backends {
+        for scenario in &scenarios {
+            bench.scenario(backend, scenario).await.with_context(|| format!("{backend} {scenario}"))?;
+        }
+    }
+    if bench.args.json {
+        println!("{}", serde_json::to_string_pretty(&json!({"machine": machine(), "settings": settings,
+            "ceiling_requests_per_s": ceiling_rate, "figures": bench.figures}))?);
+    } else {
+        println!("| backend | scenario | figure | value | of ceiling |\n|---|---|---|---|---|");
+        println!("| - | ceiling | requests/s, receiver driven directly | {ceiling_rate:.0} /s | 100% |");
+        for f in &bench.figures {
+            let ratio = f.of_ceiling.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_default();
+            println!("| {} | {} | {} | {:.1} {} | {ratio} |", f.backend, f.scenario, f.metric, f.value, f.unit);
+        }
+    }
+    Ok(())
+}
