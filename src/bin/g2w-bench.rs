@@ -20,16 +20,27 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "g2w-bench", about = "Benchmark g2w-webhooks against the machine's own ceiling")]
+#[command(
+    name = "g2w-bench",
+    about = "Benchmark g2w-webhooks against the machine's own ceiling"
+)]
 struct Args {
     /// Backends: sqlite, postgres.
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     backends: Vec<String>,
     /// Scenarios: throughput, fanout, latency, backlog, single, failing (backlog includes restart).
-    #[arg(long, value_delimiter = ',', default_value = "throughput,fanout,latency,backlog,single,failing")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,fanout,latency,backlog,single,failing"
+    )]
     scenarios: Vec<String>,
     /// PostgreSQL database for the postgres backend (each run uses a fresh schema).
-    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
     postgres_url: String,
     /// Events in the throughput scenario (one subscription each).
     #[arg(long, default_value_t = 100_000)]
@@ -41,7 +52,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     batch_publishers: usize,
     /// Events in the fan-out scenario.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     fanout_events: u64,
     /// Subscriptions per event in the fan-out scenario.
     #[arg(long, default_value_t = 50)]
@@ -53,16 +64,16 @@ struct Args {
     #[arg(long, default_value_t = 30)]
     latency_secs: u64,
     /// Deliveries waiting in the backlog scenario.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 200_000)]
     backlog: u64,
     /// Events in the one-event-per-request scenario.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 20_000)]
     single_events: u64,
     /// Concurrent publishers in the one-event-per-request scenario.
     #[arg(long, default_value_t = 32)]
     publishers: usize,
     /// Events in the failing-receiver scenario.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 10_000)]
     failing_events: u64,
     /// The server's --max-in-flight, and the ceiling's concurrency.
     #[arg(long, default_value_t = 256)]
@@ -151,7 +162,12 @@ async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result
         let (http, url, body, next) = (http.clone(), url.to_string(), body.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < requests {
-                let _ = http.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
+                let _ = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
             }
         }));
     }
@@ -194,7 +210,11 @@ impl Server {
             .send()
             .await?;
         if res.status() != 202 {
-            bail!("publish answered {}: {}", res.status(), res.text().await.unwrap_or_default());
+            bail!(
+                "publish answered {}: {}",
+                res.status(),
+                res.text().await.unwrap_or_default()
+            );
         }
         Ok(())
     }
@@ -249,7 +269,9 @@ impl Bench {
             return Ok(format!("sqlite://{}", dir.join("bench.db").display()));
         }
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-        let pool = sqlx::PgPool::connect(&self.args.postgres_url).await.context("connecting to PostgreSQL")?;
+        let pool = sqlx::PgPool::connect(&self.args.postgres_url)
+            .await
+            .context("connecting to PostgreSQL")?;
         sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await?;
         pool.close().await;
         let sep = if self.args.postgres_url.contains('?') { '&' } else { '?' };
@@ -260,8 +282,20 @@ impl Bench {
         let port = free_port();
         let started = Instant::now();
         let child = Command::new(&self.bin)
-            .args(["serve", "--dev", "--database-url", db, "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-token", "bench-admin", "--max-in-flight", &self.args.max_in_flight.to_string()])
+            .args([
+                "serve",
+                "--dev",
+                "--database-url",
+                db,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args([
+                "--admin-token",
+                "bench-admin",
+                "--max-in-flight",
+                &self.args.max_in_flight.to_string(),
+            ])
             .args(["--sqlite-synchronous", "full"])
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -289,7 +323,16 @@ impl Bench {
     /// A token, an ACTIVE webhook and `subs` ACTIVE subscriptions of organizer 1, each to its own path.
     async fn subscribe(&self, server: &Server, db: &str, url: &str, subs: u64) -> anyhow::Result<()> {
         let out = Command::new(&self.bin)
-            .args(["token", "create", "--app", "bench", "--organizer", "1", "--database-url", db])
+            .args([
+                "token",
+                "create",
+                "--app",
+                "bench",
+                "--organizer",
+                "1",
+                "--database-url",
+                db,
+            ])
             .output()?;
         let token = String::from_utf8(out.stdout)?.trim().to_string();
         let api = format!("{}/G2W/rest/v2", server.base);
@@ -302,7 +345,10 @@ impl Bench {
             .await?
             .json()
             .await?;
-        let wk = res["_embedded"]["webhooks"][0]["webhookKey"].as_str().context("webhook key")?.to_string();
+        let wk = res["_embedded"]["webhooks"][0]["webhookKey"]
+            .as_str()
+            .context("webhook key")?
+            .to_string();
         server
             .http
             .put(format!("{api}/webhooks"))
@@ -311,15 +357,29 @@ impl Bench {
             .send()
             .await?;
         secret(server, &api, &token).await?;
-        let items: Vec<Value> = (0..subs).map(|i| json!({"webhookKey": wk, "callbackUrl": format!("{url}/{i}")})).collect();
+        let items: Vec<Value> = (0..subs)
+            .map(|i| json!({"webhookKey": wk, "callbackUrl": format!("{url}/{i}")}))
+            .collect();
         for chunk in items.chunks(100) {
-            server.http.post(format!("{api}/userSubscriptions")).bearer_auth(&token).json(&chunk).send().await?;
+            server
+                .http
+                .post(format!("{api}/userSubscriptions"))
+                .bearer_auth(&token)
+                .json(&chunk)
+                .send()
+                .await?;
         }
         Ok(())
     }
 
     /// Publishes events 0..n in batches from several publishers; returns the publish phase's duration.
-    async fn publish_batched(&self, server: &Arc<Server>, n: u64, batch: u64, publishers: usize) -> anyhow::Result<Duration> {
+    async fn publish_batched(
+        &self,
+        server: &Arc<Server>,
+        n: u64,
+        batch: u64,
+        publishers: usize,
+    ) -> anyhow::Result<Duration> {
         let next = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -346,7 +406,10 @@ impl Bench {
         let deadline = Instant::now() + timeout;
         while seen.count.load(Ordering::Relaxed) < n {
             if Instant::now() > deadline {
-                bail!("only {} of {n} callbacks arrived in {timeout:?}", seen.count.load(Ordering::Relaxed));
+                bail!(
+                    "only {} of {n} callbacks arrived in {timeout:?}",
+                    seen.count.load(Ordering::Relaxed)
+                );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -380,8 +443,22 @@ impl Bench {
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
                 self.complete(&seen, events)?;
                 let rss = server.peak_rss_mib();
-                self.record(backend, scenario, "events accepted/s (batched)", events as f64 / publish.as_secs_f64(), "/s", false);
-                self.record(backend, scenario, "deliveries/s end to end", events as f64 / (end - start).as_secs_f64(), "/s", true);
+                self.record(
+                    backend,
+                    scenario,
+                    "events accepted/s (batched)",
+                    events as f64 / publish.as_secs_f64(),
+                    "/s",
+                    false,
+                );
+                self.record(
+                    backend,
+                    scenario,
+                    "deliveries/s end to end",
+                    events as f64 / (end - start).as_secs_f64(),
+                    "/s",
+                    true,
+                );
                 self.record(backend, scenario, "peak server memory", rss, "MiB", false);
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
@@ -395,7 +472,14 @@ impl Bench {
                 self.publish_batched(&server, a.fanout_events, 100, pubs).await?;
                 self.wait_for(&seen, total, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.record(backend, scenario, "deliveries/s end to end", total as f64 / (end - start).as_secs_f64(), "/s", true);
+                self.record(
+                    backend,
+                    scenario,
+                    "deliveries/s end to end",
+                    total as f64 / (end - start).as_secs_f64(),
+                    "/s",
+                    true,
+                );
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             "latency" => {
@@ -421,15 +505,28 @@ impl Bench {
                 }
                 self.wait_for(&seen, n, max_wait).await?;
                 self.complete(&seen, n)?;
-                let arrivals = seen.arrivals.lock().expect("lock");
-                let sent = sent.lock().expect("lock");
-                let mut lat: Vec<f64> = (0..n as i64).map(|k| (arrivals[&k] - sent[&k]).as_secs_f64() * 1000.0).collect();
+                let mut lat: Vec<f64> = {
+                    let arrivals = seen.arrivals.lock().expect("lock");
+                    let sent = sent.lock().expect("lock");
+                    (0..n as i64).map(|k| (arrivals[&k] - sent[&k]).as_secs_f64() * 1000.0).collect()
+                };
                 lat.sort_by(|x, y| x.total_cmp(y));
                 let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-                for (name, v) in [("p50", pct(0.5)), ("p90", pct(0.9)), ("p99", pct(0.99)), ("max", lat[lat.len() - 1])] {
-                    self.record(backend, scenario, &format!("publish to callback {name}"), v, "ms", false);
+                for (name, v) in [
+                    ("p50", pct(0.5)),
+                    ("p90", pct(0.9)),
+                    ("p99", pct(0.99)),
+                    ("max", lat[lat.len() - 1]),
+                ] {
+                    self.record(
+                        backend,
+                        scenario,
+                        &format!("publish to callback {name}"),
+                        v,
+                        "ms",
+                        false,
+                    );
                 }
-                drop((arrivals, sent));
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             "backlog" => {
@@ -443,11 +540,32 @@ impl Bench {
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
                 let (server, startup) = self.start_server(&db, &[]).await?;
                 let start = Instant::now();
-                self.record(backend, "restart", "start-up to serving with backlog", startup.as_secs_f64() * 1000.0, "ms", false);
+                self.record(
+                    backend,
+                    "restart",
+                    "start-up to serving with backlog",
+                    startup.as_secs_f64() * 1000.0,
+                    "ms",
+                    false,
+                );
                 self.wait_for(&seen, a.backlog, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.record(backend, scenario, "drain deliveries/s", a.backlog as f64 / (end - start).as_secs_f64(), "/s", true);
-                self.record(backend, scenario, "peak server memory", server.peak_rss_mib(), "MiB", false);
+                self.record(
+                    backend,
+                    scenario,
+                    "drain deliveries/s",
+                    a.backlog as f64 / (end - start).as_secs_f64(),
+                    "/s",
+                    true,
+                );
+                self.record(
+                    backend,
+                    scenario,
+                    "peak server memory",
+                    server.peak_rss_mib(),
+                    "MiB",
+                    false,
+                );
                 server.stop().await?;
             }
             "single" => {
@@ -461,11 +579,20 @@ impl Bench {
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
                 self.complete(&seen, n)?;
                 let rate = n as f64 / (end - start).as_secs_f64();
-                self.record(backend, scenario, &format!("deliveries/s, 1 event/request, {} publishers", a.publishers), rate, "/s", true);
+                self.record(
+                    backend,
+                    scenario,
+                    &format!("deliveries/s, 1 event/request, {} publishers", a.publishers),
+                    rate,
+                    "/s",
+                    true,
+                );
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             "failing" => {
-                let (server, _) = self.start_server(&db, &["--retry-schedule", "1ms,2ms,5ms,10ms,20ms,50ms,100ms,200ms"]).await?;
+                let (server, _) = self
+                    .start_server(&db, &["--retry-schedule", "1ms,2ms,5ms,10ms,20ms,50ms,100ms,200ms"])
+                    .await?;
                 self.subscribe(&server, &db, &url, 1).await?;
                 seen.fail_every_third.store(true, Ordering::Relaxed);
                 let server = Arc::new(server);
@@ -481,7 +608,14 @@ impl Bench {
                 }
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
                 self.complete(&seen, n)?;
-                self.record(backend, scenario, "deliveries/s, every 3rd answer 500", n as f64 / (end - start).as_secs_f64(), "/s", true);
+                self.record(
+                    backend,
+                    scenario,
+                    "deliveries/s, every 3rd answer 500",
+                    n as f64 / (end - start).as_secs_f64(),
+                    "/s",
+                    true,
+                );
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             other => bail!("unknown scenario {other}"),
@@ -491,16 +625,33 @@ impl Bench {
 }
 
 async fn secret(server: &Server, api: &str, token: &str) -> anyhow::Result<()> {
-    server.http.post(format!("{api}/webhooks/secretkey")).bearer_auth(token).send().await?;
+    server
+        .http
+        .post(format!("{api}/webhooks/secretkey"))
+        .bearer_auth(token)
+        .send()
+        .await?;
     Ok(())
 }
 
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpu.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let model = cpu
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let commit = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()).unwrap_or_default().trim().to_string();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     json!({"cores": cores, "cpu": model, "commit": commit})
 }
 
@@ -508,7 +659,13 @@ fn machine() -> Value {
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if args.smoke {
-        (args.events, args.fanout_events, args.fanout_subs, args.latency_rate, args.latency_secs) = (2000, 100, 5, 200, 2);
+        (
+            args.events,
+            args.fanout_events,
+            args.fanout_subs,
+            args.latency_rate,
+            args.latency_secs,
+        ) = (2000, 100, 5, 200, 2);
         (args.backlog, args.single_events, args.failing_events, args.batch) = (3000, 500, 500, 200);
     }
     let bin = std::env::current_exe()?.with_file_name("g2w-webhooks");
@@ -525,25 +682,42 @@ async fn main() -> anyhow::Result<()> {
         "max_in_flight": args.max_in_flight, "sqlite_synchronous": "full"});
     if !args.json {
         eprintln!("machine {}  settings {settings}", machine());
-        eprintln!("  ceiling: {ceiling_rate:.0} requests/s (reqwest, {} connections, same receiver)", args.max_in_flight);
+        eprintln!(
+            "  ceiling: {ceiling_rate:.0} requests/s (reqwest, {} connections, same receiver)",
+            args.max_in_flight
+        );
     }
-    let mut bench = Bench { bin, figures: Vec::new(), ceiling: ceiling_rate, args };
+    let mut bench = Bench {
+        bin,
+        figures: Vec::new(),
+        ceiling: ceiling_rate,
+        args,
+    };
     let backends = bench.args.backends.clone();
     let scenarios = bench.args.scenarios.clone();
     for backend in &backends {
         for scenario in &scenarios {
-            bench.scenario(backend, scenario).await.with_context(|| format!("{backend} {scenario}"))?;
+            bench
+                .scenario(backend, scenario)
+                .await
+                .with_context(|| format!("{backend} {scenario}"))?;
         }
     }
     if bench.args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({"machine": machine(), "settings": settings,
-            "ceiling_requests_per_s": ceiling_rate, "figures": bench.figures}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"machine": machine(), "settings": settings,
+            "ceiling_requests_per_s": ceiling_rate, "figures": bench.figures}))?
+        );
     } else {
         println!("| backend | scenario | figure | value | of ceiling |\n|---|---|---|---|---|");
         println!("| - | ceiling | requests/s, receiver driven directly | {ceiling_rate:.0} /s | 100% |");
         for f in &bench.figures {
             let ratio = f.of_ceiling.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_default();
-            println!("| {} | {} | {} | {:.1} {} | {ratio} |", f.backend, f.scenario, f.metric, f.value, f.unit);
+            println!(
+                "| {} | {} | {} | {:.1} {} | {ratio} |",
+                f.backend, f.scenario, f.metric, f.value, f.unit
+            );
         }
     }
     Ok(())

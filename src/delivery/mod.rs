@@ -300,7 +300,8 @@ impl Engine {
             }
             let room = self.buffer().saturating_sub(self.held.load(Ordering::Relaxed));
             let mut wait = self.settings.poll_interval;
-            if room == 0 {
+            // Claim in batches: with little room, wait for results to free more.
+            if room < self.buffer() / 8 {
                 self.starved.store(true, Ordering::Relaxed);
             } else {
                 let limit = room.min(CLAIM_BATCH);
@@ -310,15 +311,17 @@ impl Engine {
                         for job in jobs {
                             self.enqueue(job);
                         }
-                        self.starved.store(full, Ordering::Relaxed);
                         if full {
                             continue;
                         }
+                        self.starved.store(false, Ordering::Relaxed);
                         match self.store.next_due(now_ms()).await {
-                            Ok(Some(at)) => {
-                                let ms = (at - now_ms()).max(0) as u64;
-                                wait = wait.min(Duration::from_millis(ms));
+                            Ok(Some(at)) if at > now_ms() => {
+                                wait = wait.min(Duration::from_millis((at - now_ms()) as u64));
                             }
+                            // Due now but not claimable: held in memory here (or leased elsewhere). The next
+                            // recorded result wakes the scheduler.
+                            Ok(Some(_)) => self.starved.store(true, Ordering::Relaxed),
                             Ok(None) => {}
                             Err(e) => {
                                 tracing::warn!(error = %e, "reading the next due delivery failed")

@@ -420,17 +420,6 @@ impl Store for $store {
         Ok(n)
     }
 
-    async fn release_leases(&self, owner: Option<&str>) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE deliveries SET lease_owner = NULL, lease_until = 0 \
-             WHERE state = 'pending' AND lease_until > 0 AND (CAST($1 AS TEXT) IS NULL OR lease_owner = CAST($1 AS TEXT))",
-        )
-        .bind(owner)
-        .execute(&self.write)
-        .await?
-        .rows_affected())
-    }
-
     async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<DeliveryRow>> {
         let mut qb = QueryBuilder::<$db>::new(format!("SELECT {DELIVERY_COLS} FROM deliveries WHERE 1 = 1"));
         if let Some(v) = &f.state {

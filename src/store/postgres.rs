@@ -332,6 +332,17 @@ sql_store!(PgStore, Postgres, PgRow, {
         Ok(())
     }
 
+    async fn release_leases(&self, owner: Option<&str>) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE deliveries SET lease_owner = NULL, lease_until = 0 \
+             WHERE state = 'pending' AND lease_until > 0 AND (CAST($1 AS TEXT) IS NULL OR lease_owner = CAST($1 AS TEXT))",
+        )
+        .bind(owner)
+        .execute(&self.write)
+        .await?
+        .rows_affected())
+    }
+
     fn watch_for_work(&self, wake: WorkSignal) {
         listen(self.write.clone(), wake);
     }

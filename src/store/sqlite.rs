@@ -1,6 +1,8 @@
 //! SQLite store: WAL, one write connection owned by a group-commit writer for the hot path, a pool of readers.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +19,17 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     writer: mpsc::Sender<WriteOp>,
+    /// Deliveries this process holds in memory (queued or in flight). One process owns a SQLite file, so
+    /// leases live here rather than in the database: claiming costs a read, not a write and an fsync, and a
+    /// restart resumes everything that was held.
+    held: Held,
 }
+
+/// Locked across a claim's read, so a result committed meanwhile cannot make a delivery look free twice.
+type Held = Arc<tokio::sync::Mutex<HashSet<i64>>>;
+
+/// Leases of a single process never expire while it runs.
+const HELD: i64 = i64::MAX;
 
 /// Hot-path writes, grouped by the writer into one transaction per batch.
 enum WriteOp {
@@ -46,11 +58,19 @@ impl SqliteStore {
             .synchronous(sync)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        // The writer's page cache holds the hot B-tree pages (random UUID keys touch many), so large group
+        // commits neither spill to the WAL mid-transaction nor re-read pages; statement journals stay in memory.
+        let write_opts = opts
+            .clone()
+            .pragma("cache_size", "-24000")
+            .pragma("temp_store", "memory")
+            // Checkpoints run beside the writer (see `checkpoint`), not inside its commits.
+            .pragma("wal_autocheckpoint", "0");
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(opts.clone())
+            .connect_with(write_opts)
             .await?;
         sqlx::migrate!("migrations/sqlite")
             .run(&write)
@@ -58,11 +78,22 @@ impl SqliteStore {
             .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
         let read = SqlitePoolOptions::new()
             .max_connections(pool_size.max(1))
-            .connect_with(opts.read_only(true))
+            .connect_with(opts.clone().read_only(true))
             .await?;
         let (writer, rx) = mpsc::channel(4096);
-        tokio::spawn(run_writer(write.clone(), rx));
-        Ok(Self { read, write, writer })
+        let held: Held = Arc::default();
+        tokio::spawn(run_writer(write.clone(), rx, held.clone()));
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        tokio::spawn(checkpoint(checkpointer, writer.downgrade()));
+        Ok(Self {
+            read,
+            write,
+            writer,
+            held,
+        })
     }
 
     async fn send<T>(&self, op: WriteOp, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
@@ -75,115 +106,168 @@ impl SqliteStore {
     }
 }
 
-/// The group-commit writer: drains waiting operations, applies them in one transaction (each under its own
-/// savepoint, so one failing operation does not undo the others), commits once, then answers each.
-async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>) {
+/// The group-commit writer: drains every waiting operation, applies them together with set-based statements in
+/// one transaction, commits once (one fsync for all), then answers each. Inputs are validated before they get
+/// here, so a failure is the database's and fails the whole group, which then retries or reports it.
+async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>, held: Held) {
+    let mut next_id = match sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries")
+        .fetch_one(&pool)
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "the writer cannot read the database");
+            return;
+        }
+    };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let ops: Vec<WriteOp> = std::mem::take(&mut batch);
-        match apply_batch(&pool, &ops).await {
-            Ok(results) => {
-                for (op, result) in ops.into_iter().zip(results) {
-                    answer(op, result);
+        let first_id = next_id;
+        let mut result = apply_batch(&pool, &ops, &mut next_id, &held).await;
+        // SQLITE_BUSY (another process, such as a CLI command, holds the lock): try again before failing.
+        for _ in 0..20 {
+            match &result {
+                Err(Error::Database(sqlx::Error::Database(d))) if d.code().as_deref() == Some("5") => {
+                    held.lock().await.retain(|id| *id < first_id || *id >= next_id);
+                    next_id = first_id;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    result = apply_batch(&pool, &ops, &mut next_id, &held).await;
+                }
+                _ => break,
+            }
+        }
+        match result {
+            Ok(mut published) => {
+                // Recorded deliveries are committed in their new state: they may be claimed again when due.
+                let mut h = held.lock().await;
+                for op in &ops {
+                    if let WriteOp::Record { results, .. } = op {
+                        for r in results {
+                            h.remove(&r.delivery_id);
+                        }
+                    }
+                }
+                drop(h);
+                for op in ops {
+                    match op {
+                        WriteOp::Publish { reply, .. } => {
+                            let _ = reply.send(Ok(published.remove(0)));
+                        }
+                        WriteOp::Record { reply, .. } => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
                 }
             }
             Err(e) => {
+                held.lock().await.retain(|id| *id < first_id || *id >= next_id);
+                next_id = first_id;
                 tracing::error!(error = %e, "group commit failed");
-                let msg = e.to_string();
                 for op in ops {
-                    answer(op, Err(Error::Internal(msg.clone())));
+                    let err = || Error::Database(sqlx::Error::Protocol(format!("group commit failed: {e}")));
+                    match op {
+                        WriteOp::Publish { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        WriteOp::Record { reply, .. } => {
+                            let _ = reply.send(Err(err()));
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-enum OpResult {
-    Published(Vec<PublishOutcome>),
-    Recorded,
-}
-
-fn answer(op: WriteOp, result: Result<OpResult>) {
-    match (op, result) {
-        (WriteOp::Publish { reply, .. }, Ok(OpResult::Published(v))) => {
-            let _ = reply.send(Ok(v));
+/// Copies the WAL back into the database from a reader connection, on its own thread, so the writer's
+/// commits stay short. PASSIVE never blocks the writer, and once a pass completes the writer wraps the WAL
+/// around, so it does not grow without bound.
+async fn checkpoint(pool: SqlitePool, store_alive: mpsc::WeakSender<WriteOp>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if store_alive.upgrade().is_none() {
+            // The store is gone: a last checkpoint leaves the database file complete.
+            let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await;
+            pool.close().await;
+            return;
         }
-        (WriteOp::Record { reply, .. }, Ok(_)) => {
-            let _ = reply.send(Ok(()));
-        }
-        (WriteOp::Publish { reply, .. }, Err(e)) => {
-            let _ = reply.send(Err(e));
-        }
-        (WriteOp::Record { reply, .. }, Err(e)) => {
-            let _ = reply.send(Err(e));
-        }
-        (WriteOp::Publish { reply, .. }, Ok(OpResult::Recorded)) => {
-            let _ = reply.send(Err(Error::Internal("writer answered the wrong operation".into())));
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            tracing::debug!(error = %e, "WAL checkpoint failed");
         }
     }
 }
 
-async fn apply_batch(pool: &SqlitePool, ops: &[WriteOp]) -> Result<Vec<Result<OpResult>>> {
+/// Rows per multi-row statement, under SQLite's limit of 32,766 parameters.
+const ROWS_PER_STATEMENT: usize = 2000;
+
+/// Applies a group; returns the publish outcomes in the order of the publish operations.
+async fn apply_batch(
+    pool: &SqlitePool,
+    ops: &[WriteOp],
+    next_id: &mut i64,
+    held: &Held,
+) -> Result<Vec<Vec<PublishOutcome>>> {
     let mut tx = pool.begin().await?;
-    let mut results = Vec::with_capacity(ops.len());
+    let publishes: Vec<(&[NewEvent], Option<&Lease>)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Publish { events, lease, .. } => Some((events.as_slice(), lease.as_ref())),
+            WriteOp::Record { .. } => None,
+        })
+        .collect();
+    let published = publish_all(&mut tx, &publishes, next_id).await?;
+    // Held before the commit makes them visible, so a concurrent claim cannot take them too.
+    held.lock()
+        .await
+        .extend(published.iter().flatten().flat_map(|o| o.jobs.iter().map(|j| j.id)));
+    let mut records = Vec::new();
+    let mut disable_after_ms = i64::MAX;
     for op in ops {
-        sqlx::query("SAVEPOINT op").execute(&mut *tx).await?;
-        let result = match op {
-            WriteOp::Publish { events, lease, .. } => publish_in(&mut tx, events, lease.as_ref())
-                .await
-                .map(OpResult::Published),
-            WriteOp::Record {
-                results,
-                disable_after_ms,
-                ..
-            } => record_in(&mut tx, results, *disable_after_ms)
-                .await
-                .map(|_| OpResult::Recorded),
-        };
-        if result.is_err() {
-            sqlx::query("ROLLBACK TO op").execute(&mut *tx).await?;
+        if let WriteOp::Record {
+            results,
+            disable_after_ms: d,
+            ..
+        } = op
+        {
+            records.extend(results.iter());
+            disable_after_ms = disable_after_ms.min(*d);
         }
-        sqlx::query("RELEASE op").execute(&mut *tx).await?;
-        results.push(result);
+    }
+    if !records.is_empty() {
+        record_all(&mut tx, &records, disable_after_ms).await?;
     }
     tx.commit().await?;
-    Ok(results)
+    Ok(published)
 }
 
-async fn publish_in(
+/// Where one (organizer, event name) fans out to.
+struct Target {
+    subscription_key: String,
+    app_id: i64,
+    webhook_key: String,
+    url: String,
+    secret_key: Option<String>,
+}
+
+async fn publish_all(
     conn: &mut SqliteConnection,
-    events: &[NewEvent],
-    lease: Option<&Lease>,
-) -> Result<Vec<PublishOutcome>> {
+    ops: &[(&[NewEvent], Option<&Lease>)],
+    next_id: &mut i64,
+) -> Result<Vec<Vec<PublishOutcome>>> {
+    if ops.is_empty() {
+        return Ok(Vec::new());
+    }
     let now = now_ms();
-    let mut out = Vec::with_capacity(events.len());
-    for ev in events {
-        let inserted = sqlx::query(
-            "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
-             VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (event_key) DO NOTHING",
-        )
-        .bind(&ev.event_key)
-        .bind(ev.organizer_key)
-        .bind(ev.event_name.as_str())
-        .bind(ev.body.as_ref())
-        .bind(now)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            let deliveries: i64 = sqlx::query_scalar("SELECT deliveries FROM events WHERE event_key = $1")
-                .bind(&ev.event_key)
-                .fetch_one(&mut *conn)
-                .await?;
-            out.push(PublishOutcome {
-                event_key: ev.event_key.clone(),
-                deliveries,
-                duplicate: true,
-                jobs: Vec::new(),
-            });
+    // Fan-out targets: one query per distinct (organizer, event name) in the group.
+    let mut targets: HashMap<(i64, EventName), Vec<Target>> = HashMap::new();
+    for ev in ops.iter().flat_map(|(events, _)| events.iter()) {
+        let key = (ev.organizer_key, ev.event_name);
+        if targets.contains_key(&key) {
             continue;
         }
-        let targets = sqlx::query(
+        let rows = sqlx::query(
             "SELECT s.subscription_key, s.app_id, s.webhook_key, COALESCE(s.callback_url, w.callback_url) AS url, \
              w.secret_key FROM user_subscriptions s JOIN webhooks w ON w.webhook_key = s.webhook_key \
              WHERE s.organizer_key = $1 AND w.event_name = $2 AND s.state = 'ACTIVE' AND w.state = 'ACTIVE'",
@@ -192,139 +276,242 @@ async fn publish_in(
         .bind(ev.event_name.as_str())
         .fetch_all(&mut *conn)
         .await?;
-        let mut jobs = Vec::with_capacity(targets.len());
-        for t in &targets {
-            let subscription_key: String = t.try_get("subscription_key")?;
-            let app_id: i64 = t.try_get("app_id")?;
-            let webhook_key: String = t.try_get("webhook_key")?;
-            let url: String = t.try_get("url")?;
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
-                 attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, $9, $7, $7) RETURNING id",
-            )
-            .bind(&ev.event_key)
-            .bind(ev.event_name.as_str())
-            .bind(app_id)
-            .bind(&webhook_key)
-            .bind(&subscription_key)
-            .bind(&url)
-            .bind(now)
-            .bind(lease.map(|l| l.owner.as_str()))
-            .bind(lease.map_or(0, |l| l.until))
-            .fetch_one(&mut *conn)
-            .await?;
-            if lease.is_some() {
-                jobs.push(DeliveryJob {
-                    id,
-                    event_key: ev.event_key.clone(),
-                    app_id,
-                    subscription_key,
-                    url,
-                    body: ev.body.clone(),
-                    webhook_secret: t.try_get("secret_key")?,
-                    attempts: 0,
-                    lease_until: lease.map_or(0, |l| l.until),
-                });
-            }
+        let list = rows
+            .iter()
+            .map(|r| {
+                Ok(Target {
+                    subscription_key: r.try_get("subscription_key")?,
+                    app_id: r.try_get("app_id")?,
+                    webhook_key: r.try_get("webhook_key")?,
+                    url: r.try_get("url")?,
+                    secret_key: r.try_get("secret_key")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        targets.insert(key, list);
+    }
+    let fan_out = |ev: &NewEvent| {
+        targets
+            .get(&(ev.organizer_key, ev.event_name))
+            .map_or(&[][..], Vec::as_slice)
+    };
+
+    // Events, first occurrence of each key in the group; ON CONFLICT keeps publishing idempotent.
+    let mut firsts: Vec<&NewEvent> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for ev in ops.iter().flat_map(|(events, _)| events.iter()) {
+        if seen.insert(ev.event_key.as_str()) {
+            firsts.push(ev);
         }
-        let count = targets.len() as i64;
-        if count > 0 {
-            sqlx::query("UPDATE events SET deliveries = $1 WHERE event_key = $2")
-                .bind(count)
-                .bind(&ev.event_key)
-                .execute(&mut *conn)
-                .await?;
-        }
-        out.push(PublishOutcome {
-            event_key: ev.event_key.clone(),
-            deliveries: count,
-            duplicate: false,
-            jobs,
+    }
+    let mut inserted: HashSet<String> = HashSet::new();
+    for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, ev| {
+            b.push_bind(&ev.event_key)
+                .push_bind(ev.organizer_key)
+                .push_bind(ev.event_name.as_str())
+                .push_bind(ev.body.as_ref())
+                .push_bind(fan_out(ev).len() as i64)
+                .push_bind(now);
         });
+        qb.push(" ON CONFLICT (event_key) DO NOTHING RETURNING event_key");
+        inserted.extend(qb.build_query_scalar::<String>().fetch_all(&mut *conn).await?);
+    }
+    let repeated: Vec<&str> = ops
+        .iter()
+        .flat_map(|(events, _)| events.iter())
+        .map(|e| e.event_key.as_str())
+        .filter(|k| !inserted.contains(*k))
+        .collect();
+    let mut earlier: HashMap<String, i64> = HashMap::new();
+    for chunk in repeated.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT event_key, deliveries FROM events WHERE event_key IN (");
+        let mut list = qb.separated(", ");
+        for k in chunk {
+            list.push_bind(*k);
+        }
+        qb.push(")");
+        for r in qb.build().fetch_all(&mut *conn).await? {
+            earlier.insert(r.try_get("event_key")?, r.try_get("deliveries")?);
+        }
+    }
+
+    // Deliveries, with ids from the writer's counter so the jobs are known without reading them back.
+    let mut rows: Vec<(i64, &NewEvent, &Target)> = Vec::new();
+    let mut out: Vec<Vec<PublishOutcome>> = Vec::with_capacity(ops.len());
+    let mut created: HashSet<&str> = HashSet::new();
+    for (events, lease) in ops {
+        let mut outcomes = Vec::with_capacity(events.len());
+        for ev in events.iter() {
+            let fresh = inserted.contains(&ev.event_key) && created.insert(ev.event_key.as_str());
+            if !fresh {
+                outcomes.push(PublishOutcome {
+                    event_key: ev.event_key.clone(),
+                    deliveries: earlier.get(&ev.event_key).copied().unwrap_or(fan_out(ev).len() as i64),
+                    duplicate: true,
+                    jobs: Vec::new(),
+                });
+                continue;
+            }
+            let mut jobs = Vec::new();
+            for t in fan_out(ev) {
+                let id = *next_id;
+                *next_id += 1;
+                rows.push((id, ev, t));
+                if lease.is_some() {
+                    jobs.push(DeliveryJob {
+                        id,
+                        event_key: ev.event_key.clone(),
+                        app_id: t.app_id,
+                        subscription_key: t.subscription_key.clone(),
+                        url: t.url.clone(),
+                        body: ev.body.clone(),
+                        webhook_secret: t.secret_key.clone(),
+                        attempts: 0,
+                        lease_until: HELD,
+                    });
+                }
+            }
+            outcomes.push(PublishOutcome {
+                event_key: ev.event_key.clone(),
+                deliveries: fan_out(ev).len() as i64,
+                duplicate: false,
+                jobs,
+            });
+        }
+        out.push(outcomes);
+    }
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO deliveries (id, event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+             attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) ",
+        );
+        qb.push_values(chunk, |mut b, (id, ev, t)| {
+            b.push_bind(*id)
+                .push_bind(&ev.event_key)
+                .push_bind(ev.event_name.as_str())
+                .push_bind(t.app_id)
+                .push_bind(&t.webhook_key)
+                .push_bind(&t.subscription_key)
+                .push_bind(&t.url)
+                .push("'pending'")
+                .push("0")
+                .push_bind(now)
+                .push("NULL")
+                .push("0")
+                .push_bind(now)
+                .push_bind(now);
+        });
+        qb.build().execute(&mut *conn).await?;
     }
     Ok(out)
 }
 
-async fn record_in(conn: &mut SqliteConnection, results: &[AttemptRecord], disable_after_ms: i64) -> Result<()> {
+/// Builds `... IN (k1, k2, ...)` over distinct keys.
+fn push_in<'a>(qb: &mut QueryBuilder<'a, Sqlite>, keys: &'a [&'a str]) {
+    qb.push(" IN (");
+    let mut list = qb.separated(", ");
+    for k in keys {
+        list.push_bind(*k);
+    }
+    qb.push(")");
+}
+
+fn distinct_subscriptions<'a>(records: &[&'a AttemptRecord], pred: impl Fn(Outcome) -> bool) -> Vec<&'a str> {
+    let mut keys: Vec<&str> = records
+        .iter()
+        .filter(|r| pred(r.outcome))
+        .map(|r| r.subscription_key.as_str())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+async fn record_all(conn: &mut SqliteConnection, records: &[&AttemptRecord], disable_after_ms: i64) -> Result<()> {
     let now = now_ms();
-    for r in results {
-        sqlx::query(
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
-             response_excerpt) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(r.delivery_id)
-        .bind(r.number)
-        .bind(&r.node)
-        .bind(r.started_at)
-        .bind(r.duration_ms)
-        .bind(r.status_code)
-        .bind(&r.error)
-        .bind(&r.response_excerpt)
-        .execute(&mut *conn)
-        .await?;
-        let (state, next) = match r.outcome {
-            Outcome::Delivered => ("delivered", now),
-            Outcome::RetryAt(at) => ("pending", at),
-            Outcome::Failed | Outcome::Gone => ("failed", now),
-        };
-        sqlx::query(
-            "UPDATE deliveries SET state = $1, attempts = $2, next_attempt_at = $3, lease_owner = NULL, \
-             lease_until = 0, last_status = $4, last_error = $5, updated_at = $6 WHERE id = $7",
-        )
-        .bind(state)
-        .bind(r.number)
-        .bind(next)
-        .bind(r.status_code)
-        .bind(&r.error)
-        .bind(now)
-        .bind(r.delivery_id)
-        .execute(&mut *conn)
-        .await?;
-        match r.outcome {
-            Outcome::Delivered => {
-                sqlx::query(
-                    "UPDATE user_subscriptions SET failing_since = NULL \
-                     WHERE subscription_key = $1 AND failing_since IS NOT NULL",
-                )
-                .bind(&r.subscription_key)
-                .execute(&mut *conn)
-                .await?;
-            }
-            Outcome::Gone => {
-                sqlx::query(
-                    "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
-                     WHERE subscription_key = $2 AND state = 'ACTIVE'",
-                )
-                .bind(format!("the callback answered 410 Gone at {}", format_ms(now)))
-                .bind(&r.subscription_key)
-                .execute(&mut *conn)
-                .await?;
-            }
-            Outcome::RetryAt(_) | Outcome::Failed => {
-                sqlx::query(
-                    "UPDATE user_subscriptions SET failing_since = COALESCE(failing_since, $1) \
-                     WHERE subscription_key = $2",
-                )
-                .bind(r.started_at)
-                .bind(&r.subscription_key)
-                .execute(&mut *conn)
-                .await?;
-                sqlx::query(
-                    "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
-                     WHERE subscription_key = $2 AND state = 'ACTIVE' AND failing_since <= $3",
-                )
-                .bind(format!(
-                    "every delivery failed for {} s; deactivated at {}",
-                    disable_after_ms / 1000,
-                    format_ms(now)
-                ))
-                .bind(&r.subscription_key)
-                .bind(now - disable_after_ms)
-                .execute(&mut *conn)
-                .await?;
-            }
-        }
+             response_excerpt) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(r.delivery_id)
+                .push_bind(r.number)
+                .push_bind(&r.node)
+                .push_bind(r.started_at)
+                .push_bind(r.duration_ms)
+                .push_bind(r.status_code)
+                .push_bind(&r.error)
+                .push_bind(&r.response_excerpt);
+        });
+        qb.build().execute(&mut *conn).await?;
+
+        let mut qb = QueryBuilder::<Sqlite>::new("UPDATE deliveries SET state = v.column2, attempts = v.column3, ");
+        qb.push("next_attempt_at = v.column4, lease_owner = NULL, lease_until = 0, last_status = v.column5, ");
+        qb.push("last_error = v.column6, updated_at = ")
+            .push_bind(now)
+            .push(" FROM (");
+        qb.push_values(chunk, |mut b, r| {
+            let (state, next) = match r.outcome {
+                Outcome::Delivered => ("delivered", now),
+                Outcome::RetryAt(at) => ("pending", at),
+                Outcome::Failed | Outcome::Gone => ("failed", now),
+            };
+            b.push_bind(r.delivery_id)
+                .push_bind(state)
+                .push_bind(r.number)
+                .push_bind(next)
+                .push_bind(r.status_code)
+                .push_bind(&r.error);
+        });
+        qb.push(") AS v WHERE deliveries.id = v.column1");
+        qb.build().execute(&mut *conn).await?;
+    }
+
+    // A subscription's failure clock: started by a failure, stopped by any success.
+    let failing = distinct_subscriptions(records, |o| matches!(o, Outcome::RetryAt(_) | Outcome::Failed));
+    let delivered = distinct_subscriptions(records, |o| o == Outcome::Delivered);
+    let gone = distinct_subscriptions(records, |o| o == Outcome::Gone);
+    if !failing.is_empty() {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("UPDATE user_subscriptions SET failing_since = COALESCE(failing_since, ");
+        qb.push_bind(now).push(") WHERE subscription_key");
+        push_in(&mut qb, &failing);
+        qb.build().execute(&mut *conn).await?;
+    }
+    if !delivered.is_empty() {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "UPDATE user_subscriptions SET failing_since = NULL WHERE failing_since IS NOT NULL AND subscription_key",
+        );
+        push_in(&mut qb, &delivered);
+        qb.build().execute(&mut *conn).await?;
+    }
+    if !failing.is_empty() {
+        let reason = format!(
+            "every delivery failed for {} s; deactivated at {}",
+            disable_after_ms / 1000,
+            format_ms(now)
+        );
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ");
+        qb.push_bind(reason)
+            .push(" WHERE state = 'ACTIVE' AND failing_since <= ")
+            .push_bind(now.saturating_sub(disable_after_ms))
+            .push(" AND subscription_key");
+        push_in(&mut qb, &failing);
+        qb.build().execute(&mut *conn).await?;
+    }
+    if !gone.is_empty() {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ");
+        qb.push_bind(format!("the callback answered 410 Gone at {}", format_ms(now)))
+            .push(" WHERE state = 'ACTIVE' AND subscription_key");
+        push_in(&mut qb, &gone);
+        qb.build().execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -335,36 +522,52 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
         self.send(WriteOp::Publish { events, lease, reply }, rx).await
     }
 
-    async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
-        let mut tx = self.write.begin().await?;
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "UPDATE deliveries SET lease_owner = $1, lease_until = $2 WHERE id IN ( \
-             SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $3 AND lease_until < $3 \
-             ORDER BY next_attempt_at LIMIT $4) RETURNING id",
+    async fn claim_due(&self, now: i64, _lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
+        let mut held = self.held.lock().await;
+        // Ids first, from the due index alone; rows are read only for the ones taken.
+        let due: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY next_attempt_at LIMIT $2",
         )
-        .bind(&lease.owner)
-        .bind(lease.until)
         .bind(now)
-        .bind(limit)
-        .fetch_all(&mut *tx)
+        .bind(limit + held.len() as i64)
+        .fetch_all(&self.read)
         .await?;
+        let ids: Vec<i64> = due
+            .into_iter()
+            .filter(|id| !held.contains(id))
+            .take(limit as usize)
+            .collect();
         if ids.is_empty() {
-            tx.commit().await?;
             return Ok(Vec::new());
         }
         let mut qb = QueryBuilder::<Sqlite>::new(
             "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, e.body, w.secret_key \
              FROM deliveries d JOIN events e ON e.event_key = d.event_key \
-             LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key WHERE d.id IN (",
+             LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key WHERE d.state = 'pending' AND d.id IN (",
         );
-        let mut sep = qb.separated(", ");
+        let mut list = qb.separated(", ");
         for id in &ids {
-            sep.push_bind(id);
+            list.push_bind(*id);
         }
         qb.push(") ORDER BY d.next_attempt_at");
-        let rows = qb.build().fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        jobs_from_rows(&rows, lease.until)
+        let rows = qb.build().fetch_all(&self.read).await?;
+        let jobs = jobs_from_rows(&rows, HELD)?;
+        held.extend(jobs.iter().map(|j| j.id));
+        Ok(jobs)
+    }
+
+    async fn release_leases(&self, _owner: Option<&str>) -> Result<u64> {
+        // Leases live in memory (one process per file); rows leased by older versions are cleared too.
+        let mut held = self.held.lock().await;
+        let n = held.len() as u64;
+        held.clear();
+        sqlx::query(
+            "UPDATE deliveries SET lease_owner = NULL, lease_until = 0 WHERE state = 'pending' AND lease_until > 0",
+        )
+        .execute(&self.write)
+        .await?;
+        Ok(n)
     }
 
     async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {
