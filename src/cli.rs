@@ -35,6 +35,13 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trigger(t) => trigger(t).await,
+        Command::Listen(l) => crate::listen::listen(l).await,
+        Command::Verify {
+            secret,
+            timestamp,
+            signature,
+            file,
+        } => crate::listen::verify(&secret, &timestamp, &signature, file.as_deref()),
         Command::Deliveries(d) => deliveries(d).await,
         Command::Redeliver { event_key, admin } => {
             admin_call(

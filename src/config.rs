@@ -46,6 +46,22 @@ pub enum Command {
     /// Inspect and repair deliveries on a running server.
     #[command(subcommand)]
     Deliveries(DeliveriesCommand),
+    /// Receive deliveries locally: answer the validation GET, verify signatures, print events, optionally forward.
+    Listen(ListenArgs),
+    /// Check the signature of one captured delivery (body from FILE, or stdin).
+    Verify {
+        /// Secret key; repeat to accept any of several (rotation).
+        #[arg(long, required = true)]
+        secret: Vec<String>,
+        /// The X-Webhook-Signature-Timestamp header.
+        #[arg(long)]
+        timestamp: String,
+        /// The X-Webhook-Signature header.
+        #[arg(long)]
+        signature: String,
+        /// File holding the raw body; `-` or nothing reads stdin.
+        file: Option<String>,
+    },
     /// Deliver every delivery of an event again.
     Redeliver {
         /// The event's eventKey.
@@ -161,6 +177,44 @@ pub struct AdminClientArgs {
     /// Admin token of the running server.
     #[arg(long, env = "G2W_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListenArgs {
+    /// Port to receive on (127.0.0.1).
+    #[arg(long, default_value_t = 4000)]
+    pub port: u16,
+    /// Secret key to verify with; repeat for rotation. With --subscribe and no key, a fresh key is made for the
+    /// webhooks it creates.
+    #[arg(long)]
+    pub secret: Vec<String>,
+    /// Verify with every secret key of this application, read from --database-url.
+    #[arg(long)]
+    pub app: Option<String>,
+    /// Pass each delivery on, headers and body unchanged, to this URL, and answer with its status.
+    #[arg(long)]
+    pub forward_to: Option<String>,
+    /// Print each delivery's raw body as one line (for piping), and nothing else on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Create, activate and subscribe webhooks on the server for the events; remove them on exit.
+    #[arg(long)]
+    pub subscribe: bool,
+    /// Events to subscribe to.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "registrant.added,registrant.joined,webinar.created,webinar.changed"
+    )]
+    pub events: Vec<String>,
+    /// Base URL of the running server (for --subscribe).
+    #[arg(long, env = "G2W_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// Bearer token of the organizer to subscribe (for --subscribe; `dev-tokens` prints the dev one).
+    #[arg(long, env = "G2W_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub db: DbArgs,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod signing;
 pub mod store;

@@ -508,7 +508,9 @@ impl Bench {
                 let mut lat: Vec<f64> = {
                     let arrivals = seen.arrivals.lock().expect("lock");
                     let sent = sent.lock().expect("lock");
-                    (0..n as i64).map(|k| (arrivals[&k] - sent[&k]).as_secs_f64() * 1000.0).collect()
+                    (0..n as i64)
+                        .map(|k| (arrivals[&k] - sent[&k]).as_secs_f64() * 1000.0)
+                        .collect()
                 };
                 lat.sort_by(|x, y| x.total_cmp(y));
                 let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];

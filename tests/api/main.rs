@@ -9,6 +9,7 @@ mod cluster;
 mod compat;
 mod crash;
 mod delivery;
+mod listen;
 mod management;
 mod openapi;
 mod store_contract;
