@@ -100,9 +100,8 @@ sql_store!(PgStore, Postgres, PgRow, {
                    INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
                      attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) \
                    SELECT event_key, event_name, app_id, webhook_key, subscription_key, url, 'pending', 0, $2, $3, $4, $2, $2 \
-                   FROM t RETURNING id, event_key, subscription_key) \
-                 SELECT ins.id, ins.event_key, t.subscription_key, t.app_id, t.url, t.secret_key \
-                 FROM ins JOIN t ON t.event_key = ins.event_key AND t.subscription_key = ins.subscription_key",
+                   FROM t RETURNING id, event_key, subscription_key, app_id, url, webhook_key) \
+                 SELECT id, event_key, subscription_key, app_id, url, webhook_key FROM ins",
             )
             .bind(&fresh)
             .bind(now)
@@ -141,6 +140,26 @@ sql_store!(PgStore, Postgres, PgRow, {
         };
         tx.commit().await?;
 
+        // Each webhook's own secret key, once per distinct webhook (joining the inserted rows back to the
+        // fan-out set made the planner compare every pair).
+        let mut hook_keys: Vec<String> = Vec::new();
+        for r in &rows {
+            let k: String = r.try_get("webhook_key")?;
+            if !hook_keys.contains(&k) {
+                hook_keys.push(k);
+            }
+        }
+        let secrets: HashMap<String, Option<String>> = if hook_keys.is_empty() {
+            HashMap::new()
+        } else {
+            sqlx::query("SELECT webhook_key, secret_key FROM webhooks WHERE webhook_key = ANY($1)")
+                .bind(&hook_keys)
+                .fetch_all(&self.read)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get("webhook_key")?, r.try_get("secret_key")?)))
+                .collect::<Result<_>>()?
+        };
         let bodies: HashMap<&str, &Bytes> = events.iter().map(|e| (e.event_key.as_str(), &e.body)).collect();
         let mut jobs: HashMap<String, Vec<DeliveryJob>> = HashMap::new();
         for r in &rows {
@@ -152,7 +171,7 @@ sql_store!(PgStore, Postgres, PgRow, {
                 app_id: r.try_get("app_id")?,
                 subscription_key: r.try_get("subscription_key")?,
                 url: r.try_get("url")?,
-                webhook_secret: r.try_get("secret_key")?,
+                webhook_secret: secrets.get(&r.try_get::<String, _>("webhook_key")?).cloned().flatten(),
                 attempts: 0,
                 lease_until: lease.as_ref().map_or(0, |l| l.until),
             };
