@@ -142,25 +142,7 @@ async fn a_node_killed_mid_run_loses_nothing() {
     let store = g2w_webhooks::store::connect(&db, 2, "full").await.unwrap();
     let token = g2w_webhooks::issue_token(&store, "cluster", 1001).await.unwrap();
     let api = format!("http://127.0.0.1:{}/G2W/rest/v2", ports[0]);
-    let res = http.post(format!("{api}/webhooks")).bearer_auth(&token)
-        .json(&json!([{"product": "g2w", "eventName": "webinar.created", "eventVersion": "1.0.0", "callbackUrl": rx.url}]))
-        .send().await.unwrap();
-    let wk = res.json::<Value>().await.unwrap()["_embedded"]["webhooks"][0]["webhookKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    http.put(format!("{api}/webhooks"))
-        .bearer_auth(&token)
-        .json(&json!([{"webhookKey": wk, "state": "ACTIVE"}]))
-        .send()
-        .await
-        .unwrap();
-    http.post(format!("{api}/userSubscriptions"))
-        .bearer_auth(&token)
-        .json(&json!([{"webhookKey": wk}]))
-        .send()
-        .await
-        .unwrap();
+    crate::support::subscribe_over_http(&http, &api, &token, "webinar.created", &rx.url).await;
 
     let mut acknowledged = HashSet::new();
     for batch in 0..10 {

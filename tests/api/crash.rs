@@ -82,25 +82,7 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     ready(&http, &base).await;
 
     let api = format!("{base}/G2W/rest/v2");
-    let res = http.post(format!("{api}/webhooks")).bearer_auth(&token)
-        .json(&json!([{"product": "g2w", "eventName": "webinar.created", "eventVersion": "1.0.0", "callbackUrl": rx.url}]))
-        .send().await.unwrap();
-    let wk = res.json::<Value>().await.unwrap()["_embedded"]["webhooks"][0]["webhookKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    http.put(format!("{api}/webhooks"))
-        .bearer_auth(&token)
-        .json(&json!([{"webhookKey": wk, "state": "ACTIVE"}]))
-        .send()
-        .await
-        .unwrap();
-    http.post(format!("{api}/userSubscriptions"))
-        .bearer_auth(&token)
-        .json(&json!([{"webhookKey": wk}]))
-        .send()
-        .await
-        .unwrap();
+    crate::support::subscribe_over_http(&http, &api, &token, "webinar.created", &rx.url).await;
 
     let mut acknowledged = HashSet::new();
     for batch in 0..4 {

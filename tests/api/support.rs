@@ -478,3 +478,35 @@ impl Proxy {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Creates, activates and subscribes a webhook through the API of a node run as a separate process.
+pub async fn subscribe_over_http(http: &reqwest::Client, api: &str, token: &str, event: &str, url: &str) {
+    let res = http
+        .post(format!("{api}/webhooks"))
+        .bearer_auth(token)
+        .json(&serde_json::json!([{"product": "g2w", "eventName": event, "eventVersion": "1.0.0", "callbackUrl": url}]))
+        .send()
+        .await
+        .expect("create webhook");
+    let body: Value = res.json().await.expect("json");
+    let wk = body["_embedded"]["webhooks"][0]["webhookKey"]
+        .as_str()
+        .expect("webhook key")
+        .to_string();
+    let res = http
+        .put(format!("{api}/webhooks"))
+        .bearer_auth(token)
+        .json(&serde_json::json!([{"webhookKey": wk, "state": "ACTIVE"}]))
+        .send()
+        .await
+        .expect("activate");
+    assert_eq!(res.status(), 204);
+    let res = http
+        .post(format!("{api}/userSubscriptions"))
+        .bearer_auth(token)
+        .json(&serde_json::json!([{"webhookKey": wk}]))
+        .send()
+        .await
+        .expect("subscribe");
+    assert_eq!(res.status(), 200);
+}
