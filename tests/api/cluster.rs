@@ -127,7 +127,7 @@ async fn a_node_killed_mid_run_loses_nothing() {
     let http = reqwest::Client::new();
     let rx = Receiver::start().await;
     rx.respond(|_| (200, vec![], Duration::from_millis(20)));
-    let ports = [free_port(), free_port()];
+    let ports = [crate::support::free_port(), crate::support::free_port()];
     let mut nodes: Vec<Child> = ports.iter().map(|p| node(&db, *p)).collect();
     for p in ports {
         eventually("node ready", Duration::from_secs(20), || async {
@@ -182,14 +182,6 @@ async fn a_node_killed_mid_run_loses_nothing() {
     assert_no_overlapping_attempts(&db).await;
     nodes[1].kill().ok();
     nodes[1].wait().ok();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

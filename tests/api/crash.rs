@@ -10,14 +10,6 @@ use crate::support::{eventually, Receiver};
 
 const BIN: &str = env!("CARGO_BIN_EXE_g2w-webhooks");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(db: &str, port: u16) -> Child {
     Command::new(BIN)
         .args([
@@ -75,7 +67,7 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     let rx = Receiver::start().await;
     // Slow answers keep many attempts in flight when the process dies.
     rx.respond(|_| (200, vec![], Duration::from_millis(100)));
-    let port = free_port();
+    let port = crate::support::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let mut server = start(&db, port);

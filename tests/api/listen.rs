@@ -15,11 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_g2w-webhooks");
 async fn listen_subscribes_verifies_forwards_byte_for_byte_and_tidies_up() {
     let app = TestApp::on(Backend::Sqlite).await;
     let endpoint = Receiver::start().await; // the user's own endpoint
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("listen.out");
     let mut listen = Command::new(BIN)

@@ -510,3 +510,11 @@ pub async fn subscribe_over_http(http: &reqwest::Client, api: &str, token: &str,
         .expect("subscribe");
     assert_eq!(res.status(), 200);
 }
+
+/// A port nothing listens on right now, for a server started as a separate process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
