@@ -4,8 +4,10 @@
 //! `eventVersion`, `product`) are prepended when absent, so nothing the publisher sent is reformatted.
 
 use bytes::Bytes;
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 use crate::domain::{format_ms, now_ms, EventName};
 use crate::error::{Error, Result};
@@ -55,73 +57,148 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<NewEvent>> {
         .collect()
 }
 
+/// The top-level fields the service reads, borrowed from the request body; every other field is skipped
+/// without being parsed into values.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Fields<'a> {
+    #[serde(default, borrow)]
+    event_name: Field<'a>,
+    #[serde(default, borrow)]
+    event_key: Field<'a>,
+    #[serde(default, borrow)]
+    timestamp: Field<'a>,
+    #[serde(default, borrow)]
+    event_version: Field<'a>,
+    #[serde(default, borrow)]
+    product: Field<'a>,
+    #[serde(default, borrow)]
+    webinar_key: Field<'a>,
+    #[serde(default, borrow)]
+    organizer_key: Field<'a>,
+    #[serde(default, borrow)]
+    account_key: Field<'a>,
+    #[serde(default, borrow)]
+    registrant_key: Field<'a>,
+    #[serde(default, borrow)]
+    webinar_creator_key: Field<'a>,
+    #[serde(default, borrow)]
+    session_key: Field<'a>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        match name {
+            "webinarKey" => self.webinar_key.0,
+            "organizerKey" => self.organizer_key.0,
+            "accountKey" => self.account_key.0,
+            "registrantKey" => self.registrant_key.0,
+            "webinarCreatorKey" => self.webinar_creator_key.0,
+            "sessionKey" => self.session_key.0,
+            _ => None,
+        }
+    }
+}
+
+/// A field as it was sent, `null` included (absent is `None`).
+#[derive(Default)]
+struct Field<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(|raw| Field(Some(raw)))
+    }
+}
+
+/// A JSON string's value; None for any other JSON value.
+fn as_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str(raw.get()).ok()
+}
+
 fn parse_event(raw: &RawValue, at: String) -> Result<NewEvent> {
     let bad = |msg: String| Error::bad_request(format!("{at}{msg}"));
-    let fields: Map<String, Value> =
-        serde_json::from_str(raw.get()).map_err(|_| bad("expected an event object".into()))?;
-    let name = match fields.get("eventName") {
+    let text = raw.get();
+    let fields: Fields = serde_json::from_str(text).map_err(|e| {
+        if text.starts_with('{') {
+            bad(format!("{e}"))
+        } else {
+            bad("expected an event object".into())
+        }
+    })?;
+    let name = match fields.event_name.0 {
         None => return Err(bad("eventName: missing field `eventName`".into())),
-        Some(Value::String(s)) => EventName::parse(s).ok_or_else(|| {
-            bad(format!(
-                "eventName: unknown event `{s}`, expected one of registrant.added, registrant.joined, webinar.created, webinar.changed"
-            ))
-        })?,
-        Some(_) => return Err(bad("eventName: expected a string".into())),
+        Some(v) => match as_string(v) {
+            Some(s) => EventName::parse(&s).ok_or_else(|| {
+                bad(format!(
+                    "eventName: unknown event `{s}`, expected one of registrant.added, registrant.joined, webinar.created, webinar.changed"
+                ))
+            })?,
+            None => return Err(bad("eventName: expected a string".into())),
+        },
     };
     for field in KEY_FIELDS {
         if let Some(v) = fields.get(field) {
-            if v.as_i64().is_none() {
-                return Err(bad(format!("{field}: expected an integer (int64), found {v}")));
+            if serde_json::from_str::<i64>(v.get()).is_err() {
+                return Err(bad(format!("{field}: expected an integer (int64), found {}", v.get())));
             }
         }
     }
     for field in name.required_keys() {
-        if !fields.contains_key(*field) {
+        if fields.get(field).is_none() {
             return Err(bad(format!(
                 "{field}: missing field `{field}` (required for {})",
                 name.as_str()
             )));
         }
     }
-    for field in ["eventKey", "timestamp", "eventVersion"] {
-        match fields.get(field) {
-            None | Some(Value::String(_)) => {}
-            Some(_) => return Err(bad(format!("{field}: expected a string"))),
+    let mut strings = [None, None, None];
+    for (i, (field, value)) in [
+        ("eventKey", fields.event_key.0),
+        ("timestamp", fields.timestamp.0),
+        ("eventVersion", fields.event_version.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if let Some(v) = value {
+            strings[i] = Some(as_string(v).ok_or_else(|| bad(format!("{field}: expected a string")))?);
         }
     }
-    if let Some(Value::String(k)) = fields.get("eventKey") {
+    let [event_key, timestamp, event_version] = strings;
+    if let Some(k) = &event_key {
         if k.is_empty() || k.len() > 200 {
             return Err(bad("eventKey: must be 1 to 200 characters".into()));
         }
     }
-    match fields.get("product") {
-        None => {}
-        Some(Value::String(p)) if p == "g2w" => {}
-        Some(other) => return Err(bad(format!("product: expected \"g2w\", found {other}"))),
+    if let Some(p) = fields.product.0 {
+        if as_string(p).as_deref() != Some("g2w") {
+            return Err(bad(format!("product: expected \"g2w\", found {}", p.get())));
+        }
     }
     let organizer_key = fields
         .get(name.organizer_field())
-        .and_then(Value::as_i64)
+        .and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
         .ok_or_else(|| bad(format!("{}: missing field", name.organizer_field())))?;
 
-    let event_key = match fields.get("eventKey") {
-        Some(Value::String(k)) => k.clone(),
-        _ => uuid::Uuid::new_v4().to_string(),
-    };
     let mut prefix = String::new();
-    if !fields.contains_key("eventKey") {
-        prefix.push_str(&format!("\"eventKey\":\"{event_key}\","));
-    }
-    if !fields.contains_key("timestamp") {
+    let event_key = match event_key {
+        Some(k) => k.into_owned(),
+        None => {
+            // Time-ordered (UUID version 7), so the events index grows at its end instead of at random pages.
+            let k = uuid::Uuid::now_v7().to_string();
+            prefix.push_str(&format!("\"eventKey\":\"{k}\","));
+            k
+        }
+    };
+    if timestamp.is_none() {
         prefix.push_str(&format!("\"timestamp\":\"{}\",", format_ms(now_ms())));
     }
-    if !fields.contains_key("eventVersion") {
+    if event_version.is_none() {
         prefix.push_str("\"eventVersion\":\"1.0.0\",");
     }
-    if !fields.contains_key("product") {
+    if fields.product.0.is_none() {
         prefix.push_str("\"product\":\"g2w\",");
     }
-    let text = raw.get();
     let body = if prefix.is_empty() {
         Bytes::copy_from_slice(text.as_bytes())
     } else {
@@ -140,6 +217,7 @@ fn parse_event(raw: &RawValue, at: String) -> Result<NewEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn fills_in_missing_fields_and_keeps_the_rest_verbatim() {
@@ -169,6 +247,18 @@ mod tests {
             (
                 r#"{"eventName":"registrant.added","webinarKey":1,"registrantKey":2}"#,
                 "webinarCreatorKey",
+            ),
+            (
+                r#"{"eventName":"webinar.created","webinarKey":1,"organizerKey":1,"eventKey":null}"#,
+                "eventKey: expected a string",
+            ),
+            (
+                r#"{"eventName":null,"webinarKey":1,"organizerKey":1}"#,
+                "eventName: expected a string",
+            ),
+            (
+                r#"{"eventName":"webinar.created","webinarKey":1,"webinarKey":2,"organizerKey":1}"#,
+                "duplicate field `webinarKey`",
             ),
             (r#"[]"#, "no events"),
             (r#"[1]"#, "[0].expected an event object"),

@@ -435,7 +435,11 @@ impl Store for $store {
             qb.push(" AND event_name = ").push_bind(v);
         }
         if let Some(v) = &f.event_key {
+            // An event's deliveries share its created_at, which is indexed (the random eventKey is not).
             qb.push(" AND event_key = ").push_bind(v);
+            qb.push(" AND created_at = (SELECT created_at FROM events WHERE event_key = ")
+                .push_bind(v)
+                .push(")");
         }
         if let Some(v) = f.since {
             qb.push(" AND created_at >= ").push_bind(v);
@@ -482,7 +486,10 @@ impl Store for $store {
     async fn retry_deliveries(&self, target: RetryTarget<'_>) -> Result<u64> {
         let (cond, key): (&str, String) = match target {
             RetryTarget::Delivery(id) => ("id = $2", id.to_string()),
-            RetryTarget::Event(k) => ("event_key = $2", k.to_string()),
+            RetryTarget::Event(k) => (
+                "event_key = $2 AND created_at = (SELECT created_at FROM events WHERE event_key = $2)",
+                k.to_string(),
+            ),
             RetryTarget::FailedOfSubscription(k) => ("subscription_key = $2 AND state = 'failed'", k.to_string()),
         };
         let sql = format!(

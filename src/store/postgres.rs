@@ -111,12 +111,17 @@ sql_store!(PgStore, Postgres, PgRow, {
             .await?
         };
         if !rows.is_empty() {
+            let mut counts: HashMap<String, i64> = HashMap::new();
+            for r in &rows {
+                *counts.entry(r.try_get("event_key")?).or_default() += 1;
+            }
+            let (counted, n): (Vec<String>, Vec<i64>) = counts.into_iter().unzip();
             sqlx::query(
-                "UPDATE events SET deliveries = c.n FROM ( \
-                   SELECT event_key, COUNT(*) AS n FROM deliveries WHERE event_key = ANY($1) GROUP BY event_key) c \
-                 WHERE events.event_key = c.event_key",
+                "UPDATE events SET deliveries = c.n FROM UNNEST($1::text[], $2::int8[]) AS c(k, n) \
+                 WHERE events.event_key = c.k",
             )
-            .bind(&fresh)
+            .bind(&counted)
+            .bind(&n)
             .execute(&mut *tx)
             .await?;
             if lease.is_none() {
