@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -202,7 +202,7 @@ impl Engine {
     async fn dispatch(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<DeliveryJob>,
-        results: mpsc::UnboundedSender<(AttemptRecord, OwnedSemaphorePermit)>,
+        results: mpsc::UnboundedSender<AttemptRecord>,
         attempts: &TaskTracker,
         shutdown: CancellationToken,
     ) {
@@ -228,9 +228,10 @@ impl Engine {
             let results = results.clone();
             attempts.spawn(async move {
                 let record = engine.attempt(&job).await;
-                // The permit travels with the result and is released once the result is committed, so
-                // "in flight" means "sent and not yet recorded": what a crash can duplicate.
-                let _ = results.send((record, permit));
+                // The permit bounds requests on the wire; the delivery stays held (counted in `held`, which
+                // bounds memory and what a crash can duplicate) until its result is committed.
+                drop(permit);
+                let _ = results.send(record);
             });
         }
     }
@@ -267,11 +268,11 @@ impl Engine {
 
     /// Writes attempt results in batches. A failed write is retried until it succeeds: the lease keeps the
     /// delivery from being attempted elsewhere meanwhile, and if this process dies the lease expires instead.
-    async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<(AttemptRecord, OwnedSemaphorePermit)>) {
+    async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<AttemptRecord>) {
         let disable_after = self.settings.disable_after.as_millis() as i64;
         let mut batch = Vec::with_capacity(1024);
         while rx.recv_many(&mut batch, 1024).await > 0 {
-            let records: Vec<AttemptRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+            let records: Vec<AttemptRecord> = std::mem::take(&mut batch);
             let retries = records.iter().any(|r| matches!(r.outcome, Outcome::RetryAt(_)));
             let mut backoff = Duration::from_millis(50);
             loop {
@@ -284,8 +285,7 @@ impl Engine {
                     }
                 }
             }
-            self.held.fetch_sub(batch.len(), Ordering::Relaxed);
-            batch.clear();
+            self.held.fetch_sub(records.len(), Ordering::Relaxed);
             if retries || self.starved.load(Ordering::Relaxed) {
                 self.wake.notify_one();
             }
