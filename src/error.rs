@@ -52,6 +52,15 @@ impl Error {
         Error::NotFound(msg.into())
     }
 
+    /// The error to give each request of a group commit that failed with `self`: a database that is
+    /// unreachable or overloaded stays a 503, anything else a 500, with the cause in the log.
+    pub fn for_each_of_a_group(&self) -> Self {
+        match self.parts().0 {
+            StatusCode::SERVICE_UNAVAILABLE => Error::Unavailable(format!("group commit failed: {self}")),
+            _ => Error::Internal(format!("group commit failed: {self}")),
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),

@@ -439,7 +439,14 @@ impl Bench {
             let requests = if a.smoke { 5000 } else { a.events.min(100_000) };
             self.ceiling = ceiling(&ceiling_url, requests, a.max_in_flight).await?;
             let value = self.ceiling;
-            self.record(backend, scenario, "ceiling: receiver driven directly", value, "/s", true);
+            self.record(
+                backend,
+                scenario,
+                "ceiling: receiver driven directly",
+                value,
+                "/s",
+                true,
+            );
         }
         let (events, batch, pubs, max_wait) = (a.events, a.batch, a.batch_publishers, Duration::from_secs(600));
         match scenario {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,6 +23,9 @@ use attempt::{Attempt, RetryPolicy};
 
 /// How long the application's secret keys are cached before being read again.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Attempts sent and not yet recorded, per request slot (`--max-in-flight`): bounds the duplicates a crash
+/// can cause while commits run beside the requests.
+pub const UNRECORDED_PER_SLOT: usize = 2;
 /// Most deliveries one scheduler claim takes.
 const CLAIM_BATCH: usize = 512;
 
@@ -202,21 +205,26 @@ impl Engine {
     async fn dispatch(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<DeliveryJob>,
-        results: mpsc::UnboundedSender<AttemptRecord>,
+        results: mpsc::UnboundedSender<(AttemptRecord, OwnedSemaphorePermit)>,
         attempts: &TaskTracker,
         shutdown: CancellationToken,
     ) {
         let permits = Arc::new(Semaphore::new(self.settings.max_in_flight));
+        // Sent and not yet recorded: what a crash can make a receiver see twice.
+        let unrecorded = Arc::new(Semaphore::new(self.settings.max_in_flight * UNRECORDED_PER_SLOT));
         loop {
             let job = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
-            let permit = tokio::select! {
+            let (permit, record_slot) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                p = async {
+                    let record_slot = unrecorded.clone().acquire_owned().await?;
+                    Ok::<_, tokio::sync::AcquireError>((permits.clone().acquire_owned().await?, record_slot))
+                } => match p { Ok(p) => p, Err(_) => break },
             };
             // An attempt that could outlive this node's lease might overlap another node's: leave the delivery to
             // whoever claims it once the lease has expired.
@@ -228,10 +236,10 @@ impl Engine {
             let results = results.clone();
             attempts.spawn(async move {
                 let record = engine.attempt(&job).await;
-                // The permit bounds requests on the wire; the delivery stays held (counted in `held`, which
-                // bounds memory and what a crash can duplicate) until its result is committed.
+                // The request slot frees when the response arrives; the record slot travels with the result
+                // and frees once it is committed, so commits do not hold back requests.
                 drop(permit);
-                let _ = results.send(record);
+                let _ = results.send((record, record_slot));
             });
         }
     }
@@ -268,11 +276,11 @@ impl Engine {
 
     /// Writes attempt results in batches. A failed write is retried until it succeeds: the lease keeps the
     /// delivery from being attempted elsewhere meanwhile, and if this process dies the lease expires instead.
-    async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<AttemptRecord>) {
+    async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<(AttemptRecord, OwnedSemaphorePermit)>) {
         let disable_after = self.settings.disable_after.as_millis() as i64;
         let mut batch = Vec::with_capacity(1024);
         while rx.recv_many(&mut batch, 1024).await > 0 {
-            let records: Vec<AttemptRecord> = std::mem::take(&mut batch);
+            let (records, slots): (Vec<AttemptRecord>, Vec<OwnedSemaphorePermit>) = batch.drain(..).unzip();
             let retries = records.iter().any(|r| matches!(r.outcome, Outcome::RetryAt(_)));
             let mut backoff = Duration::from_millis(50);
             loop {
@@ -286,6 +294,7 @@ impl Engine {
                 }
             }
             self.held.fetch_sub(records.len(), Ordering::Relaxed);
+            drop(slots);
             if retries || self.starved.load(Ordering::Relaxed) {
                 self.wake.notify_one();
             }

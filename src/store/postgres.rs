@@ -2,12 +2,14 @@
 //! `FOR UPDATE SKIP LOCKED` under a lease that expires, and `LISTEN/NOTIFY` wakes idle workers on every node.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use tokio::sync::{mpsc, oneshot};
 
 use super::common::sql_store;
 use super::*;
@@ -19,7 +21,22 @@ const WORK_CHANNEL: &str = "g2w_work";
 pub struct PgStore {
     read: PgPool,
     write: PgPool,
+    publisher: mpsc::Sender<PublishOp>,
 }
+
+/// One publish request waiting for a group commit.
+struct PublishOp {
+    events: Vec<NewEvent>,
+    lease: Option<Lease>,
+    reply: oneshot::Sender<Result<Vec<PublishOutcome>>>,
+}
+
+/// Group-commit tasks: each takes every publish waiting and commits them in one transaction, so concurrent
+/// one-event requests share a transaction (and its WAL flush) instead of each holding a connection for its own.
+/// Two let one group fill while the other commits.
+const PUBLISHERS: usize = 2;
+/// Most publish requests one group carries (each holds at most 1,000 events).
+const MAX_GROUP: usize = 64;
 
 impl PgStore {
     pub async fn open(url: &str, pool_size: u32) -> Result<Self> {
@@ -34,9 +51,210 @@ impl PgStore {
             .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
         Ok(Self {
             read: pool.clone(),
+            publisher: spawn_publishers(pool.clone()),
             write: pool,
         })
     }
+}
+
+fn spawn_publishers(pool: PgPool) -> mpsc::Sender<PublishOp> {
+    let (tx, rx) = mpsc::channel::<PublishOp>(4096);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    for _ in 0..PUBLISHERS {
+        let (rx, pool) = (rx.clone(), pool.clone());
+        tokio::spawn(async move {
+            let mut ops = Vec::with_capacity(MAX_GROUP);
+            loop {
+                if rx.lock().await.recv_many(&mut ops, MAX_GROUP).await == 0 {
+                    return;
+                }
+                let (leased, unleased): (Vec<_>, Vec<_>) = ops.drain(..).partition(|op| op.lease.is_some());
+                for group in [leased, unleased] {
+                    if !group.is_empty() {
+                        publish_group(&pool, group).await;
+                    }
+                }
+            }
+        });
+    }
+    tx
+}
+
+/// Commits a group's events together and answers each request with its own outcomes.
+async fn publish_group(pool: &PgPool, group: Vec<PublishOp>) {
+    let lease = group.iter().filter_map(|op| op.lease.clone()).max_by_key(|l| l.until);
+    let mut events = Vec::with_capacity(group.iter().map(|op| op.events.len()).sum());
+    let mut replies = Vec::with_capacity(group.len());
+    for op in group {
+        replies.push((op.reply, op.events.len()));
+        events.extend(op.events);
+    }
+    match publish(pool, events, lease).await {
+        Ok(outcomes) => {
+            let mut outcomes = outcomes.into_iter();
+            for (reply, n) in replies {
+                let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "publish group commit failed");
+            for (reply, _) in replies {
+                let _ = reply.send(Err(e.for_each_of_a_group()));
+            }
+        }
+    }
+}
+
+/// Commits events and their deliveries in one transaction (idempotent on eventKey) and returns one outcome per
+/// event, in order.
+async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
+    let now = now_ms();
+    let keys: Vec<String> = events.iter().map(|e| e.event_key.clone()).collect();
+    let orgs: Vec<i64> = events.iter().map(|e| e.organizer_key).collect();
+    let names: Vec<&str> = events.iter().map(|e| e.event_name.as_str()).collect();
+    let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.body.to_vec()).collect();
+    let mut tx = pool.begin().await?;
+    let inserted: HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
+         SELECT k, o, n, b, 0, $5 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bytea[]) AS t(k, o, n, b) \
+         ON CONFLICT (event_key) DO NOTHING RETURNING event_key",
+    )
+    .bind(&keys)
+    .bind(&orgs)
+    .bind(&names)
+    .bind(&bodies)
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let fresh: Vec<&String> = keys.iter().filter(|k| inserted.contains(*k)).collect();
+    let rows = if fresh.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
+            "WITH t AS ( \
+               SELECT e.event_key, e.event_name, s.subscription_key, s.app_id, s.webhook_key, \
+                      COALESCE(s.callback_url, w.callback_url) AS url, w.secret_key \
+               FROM events e \
+               JOIN user_subscriptions s ON s.organizer_key = e.organizer_key AND s.state = 'ACTIVE' \
+               JOIN webhooks w ON w.webhook_key = s.webhook_key AND w.event_name = e.event_name AND w.state = 'ACTIVE' \
+               WHERE e.event_key = ANY($1)), \
+             ins AS ( \
+               INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+                 attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) \
+               SELECT event_key, event_name, app_id, webhook_key, subscription_key, url, 'pending', 0, $2, $3, $4, $2, $2 \
+               FROM t RETURNING id, event_key, subscription_key, app_id, url, webhook_key) \
+             SELECT id, event_key, subscription_key, app_id, url, webhook_key FROM ins",
+        )
+        .bind(&fresh)
+        .bind(now)
+        .bind(lease.as_ref().map(|l| l.owner.as_str()))
+        .bind(lease.as_ref().map_or(0, |l| l.until))
+        .fetch_all(&mut *tx)
+        .await?
+    };
+    if !rows.is_empty() {
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        for r in &rows {
+            *counts.entry(r.try_get("event_key")?).or_default() += 1;
+        }
+        let (counted, n): (Vec<String>, Vec<i64>) = counts.into_iter().unzip();
+        sqlx::query(
+            "UPDATE events SET deliveries = c.n FROM UNNEST($1::text[], $2::int8[]) AS c(k, n) \
+             WHERE events.event_key = c.k",
+        )
+        .bind(&counted)
+        .bind(&n)
+        .execute(&mut *tx)
+        .await?;
+        if lease.is_none() {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(WORK_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let dup_keys: Vec<&String> = keys.iter().filter(|k| !inserted.contains(*k)).collect();
+    let earlier: HashMap<String, i64> = if dup_keys.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query("SELECT event_key, deliveries FROM events WHERE event_key = ANY($1)")
+            .bind(&dup_keys)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("event_key")?, r.try_get("deliveries")?)))
+            .collect::<Result<_>>()?
+    };
+    tx.commit().await?;
+
+    // Each webhook's own secret key, once per distinct webhook (joining the inserted rows back to the
+    // fan-out set made the planner compare every pair).
+    let mut hook_keys: Vec<String> = Vec::new();
+    for r in &rows {
+        let k: String = r.try_get("webhook_key")?;
+        if !hook_keys.contains(&k) {
+            hook_keys.push(k);
+        }
+    }
+    let secrets: HashMap<String, Option<String>> = if hook_keys.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query("SELECT webhook_key, secret_key FROM webhooks WHERE webhook_key = ANY($1)")
+            .bind(&hook_keys)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("webhook_key")?, r.try_get("secret_key")?)))
+            .collect::<Result<_>>()?
+    };
+    let bodies: HashMap<&str, &Bytes> = events.iter().map(|e| (e.event_key.as_str(), &e.body)).collect();
+    let mut jobs: HashMap<String, Vec<DeliveryJob>> = HashMap::new();
+    for r in &rows {
+        let event_key: String = r.try_get("event_key")?;
+        let job = DeliveryJob {
+            id: r.try_get("id")?,
+            body: bodies.get(event_key.as_str()).map(|b| (*b).clone()).unwrap_or_default(),
+            event_key: event_key.clone(),
+            app_id: r.try_get("app_id")?,
+            subscription_key: r.try_get("subscription_key")?,
+            url: r.try_get("url")?,
+            webhook_secret: secrets.get(&r.try_get::<String, _>("webhook_key")?).cloned().flatten(),
+            attempts: 0,
+            lease_until: lease.as_ref().map_or(0, |l| l.until),
+        };
+        jobs.entry(event_key).or_default().push(job);
+    }
+    // A key repeated within the group is a duplicate of its first occurrence.
+    let mut created_here: HashMap<&str, i64> = HashMap::new();
+    Ok(events
+        .iter()
+        .map(|e| {
+            let first = inserted.contains(&e.event_key) && !created_here.contains_key(e.event_key.as_str());
+            if first {
+                let created = jobs.remove(&e.event_key).unwrap_or_default();
+                created_here.insert(e.event_key.as_str(), created.len() as i64);
+                PublishOutcome {
+                    event_key: e.event_key.clone(),
+                    deliveries: created.len() as i64,
+                    duplicate: false,
+                    jobs: if lease.is_some() { created } else { Vec::new() },
+                }
+            } else {
+                PublishOutcome {
+                    event_key: e.event_key.clone(),
+                    deliveries: created_here
+                        .get(e.event_key.as_str())
+                        .or_else(|| earlier.get(&e.event_key))
+                        .copied()
+                        .unwrap_or_default(),
+                    duplicate: true,
+                    jobs: Vec::new(),
+                }
+            }
+        })
+        .collect())
 }
 
 /// Keeps a LISTEN connection open (reconnecting after failures) and calls `wake` on every notification.
@@ -64,147 +282,13 @@ fn listen(pool: PgPool, wake: WorkSignal) {
 
 sql_store!(PgStore, Postgres, PgRow, {
     async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
-        let now = now_ms();
-        let keys: Vec<String> = events.iter().map(|e| e.event_key.clone()).collect();
-        let orgs: Vec<i64> = events.iter().map(|e| e.organizer_key).collect();
-        let names: Vec<&str> = events.iter().map(|e| e.event_name.as_str()).collect();
-        let bodies: Vec<Vec<u8>> = events.iter().map(|e| e.body.to_vec()).collect();
-        let mut tx = self.write.begin().await?;
-        let inserted: HashSet<String> = sqlx::query_scalar(
-            "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
-             SELECT k, o, n, b, 0, $5 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bytea[]) AS t(k, o, n, b) \
-             ON CONFLICT (event_key) DO NOTHING RETURNING event_key",
-        )
-        .bind(&keys)
-        .bind(&orgs)
-        .bind(&names)
-        .bind(&bodies)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        let fresh: Vec<&String> = keys.iter().filter(|k| inserted.contains(*k)).collect();
-        let rows = if fresh.is_empty() {
-            Vec::new()
-        } else {
-            sqlx::query(
-                "WITH t AS ( \
-                   SELECT e.event_key, e.event_name, s.subscription_key, s.app_id, s.webhook_key, \
-                          COALESCE(s.callback_url, w.callback_url) AS url, w.secret_key \
-                   FROM events e \
-                   JOIN user_subscriptions s ON s.organizer_key = e.organizer_key AND s.state = 'ACTIVE' \
-                   JOIN webhooks w ON w.webhook_key = s.webhook_key AND w.event_name = e.event_name AND w.state = 'ACTIVE' \
-                   WHERE e.event_key = ANY($1)), \
-                 ins AS ( \
-                   INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
-                     attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) \
-                   SELECT event_key, event_name, app_id, webhook_key, subscription_key, url, 'pending', 0, $2, $3, $4, $2, $2 \
-                   FROM t RETURNING id, event_key, subscription_key, app_id, url, webhook_key) \
-                 SELECT id, event_key, subscription_key, app_id, url, webhook_key FROM ins",
-            )
-            .bind(&fresh)
-            .bind(now)
-            .bind(lease.as_ref().map(|l| l.owner.as_str()))
-            .bind(lease.as_ref().map_or(0, |l| l.until))
-            .fetch_all(&mut *tx)
-            .await?
-        };
-        if !rows.is_empty() {
-            let mut counts: HashMap<String, i64> = HashMap::new();
-            for r in &rows {
-                *counts.entry(r.try_get("event_key")?).or_default() += 1;
-            }
-            let (counted, n): (Vec<String>, Vec<i64>) = counts.into_iter().unzip();
-            sqlx::query(
-                "UPDATE events SET deliveries = c.n FROM UNNEST($1::text[], $2::int8[]) AS c(k, n) \
-                 WHERE events.event_key = c.k",
-            )
-            .bind(&counted)
-            .bind(&n)
-            .execute(&mut *tx)
-            .await?;
-            if lease.is_none() {
-                sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(WORK_CHANNEL)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        let dup_keys: Vec<&String> = keys.iter().filter(|k| !inserted.contains(*k)).collect();
-        let earlier: HashMap<String, i64> = if dup_keys.is_empty() {
-            HashMap::new()
-        } else {
-            sqlx::query("SELECT event_key, deliveries FROM events WHERE event_key = ANY($1)")
-                .bind(&dup_keys)
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get("event_key")?, r.try_get("deliveries")?)))
-                .collect::<Result<_>>()?
-        };
-        tx.commit().await?;
-
-        // Each webhook's own secret key, once per distinct webhook (joining the inserted rows back to the
-        // fan-out set made the planner compare every pair).
-        let mut hook_keys: Vec<String> = Vec::new();
-        for r in &rows {
-            let k: String = r.try_get("webhook_key")?;
-            if !hook_keys.contains(&k) {
-                hook_keys.push(k);
-            }
-        }
-        let secrets: HashMap<String, Option<String>> = if hook_keys.is_empty() {
-            HashMap::new()
-        } else {
-            sqlx::query("SELECT webhook_key, secret_key FROM webhooks WHERE webhook_key = ANY($1)")
-                .bind(&hook_keys)
-                .fetch_all(&self.read)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get("webhook_key")?, r.try_get("secret_key")?)))
-                .collect::<Result<_>>()?
-        };
-        let bodies: HashMap<&str, &Bytes> = events.iter().map(|e| (e.event_key.as_str(), &e.body)).collect();
-        let mut jobs: HashMap<String, Vec<DeliveryJob>> = HashMap::new();
-        for r in &rows {
-            let event_key: String = r.try_get("event_key")?;
-            let job = DeliveryJob {
-                id: r.try_get("id")?,
-                body: bodies.get(event_key.as_str()).map(|b| (*b).clone()).unwrap_or_default(),
-                event_key: event_key.clone(),
-                app_id: r.try_get("app_id")?,
-                subscription_key: r.try_get("subscription_key")?,
-                url: r.try_get("url")?,
-                webhook_secret: secrets.get(&r.try_get::<String, _>("webhook_key")?).cloned().flatten(),
-                attempts: 0,
-                lease_until: lease.as_ref().map_or(0, |l| l.until),
-            };
-            jobs.entry(event_key).or_default().push(job);
-        }
-        let mut seen = HashSet::new();
-        Ok(events
-            .iter()
-            .map(|e| {
-                let first = seen.insert(e.event_key.clone()) && inserted.contains(&e.event_key);
-                if first {
-                    let created = jobs.remove(&e.event_key).unwrap_or_default();
-                    PublishOutcome {
-                        event_key: e.event_key.clone(),
-                        deliveries: created.len() as i64,
-                        duplicate: false,
-                        jobs: if lease.is_some() { created } else { Vec::new() },
-                    }
-                } else {
-                    PublishOutcome {
-                        event_key: e.event_key.clone(),
-                        deliveries: earlier.get(&e.event_key).copied().unwrap_or_default(),
-                        duplicate: true,
-                        jobs: Vec::new(),
-                    }
-                }
-            })
-            .collect())
+        let (reply, rx) = oneshot::channel();
+        let stopped = || Error::Unavailable("the publish writer has stopped".into());
+        self.publisher
+            .send(PublishOp { events, lease, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {

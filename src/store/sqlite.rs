@@ -176,13 +176,12 @@ async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>, held: Hel
                 next_id = first_id;
                 tracing::error!(error = %e, "group commit failed");
                 for op in ops {
-                    let err = || Error::Database(sqlx::Error::Protocol(format!("group commit failed: {e}")));
                     match op {
                         WriteOp::Publish { reply, .. } => {
-                            let _ = reply.send(Err(err()));
+                            let _ = reply.send(Err(e.for_each_of_a_group()));
                         }
                         WriteOp::Record { reply, .. } => {
-                            let _ = reply.send(Err(err()));
+                            let _ = reply.send(Err(e.for_each_of_a_group()));
                         }
                     }
                 }

@@ -119,8 +119,8 @@ async fn sigkill_mid_delivery_loses_no_acknowledged_event() {
     let total = rx.count();
     let duplicates = total - acknowledged.len();
     assert!(
-        duplicates <= 32,
-        "duplicates ({duplicates}) are bounded by the attempts in flight at the kill"
+        duplicates <= 2 * 32,
+        "duplicates ({duplicates}) are bounded by the attempts sent and not yet recorded at the kill"
     );
     server.kill().ok();
     server.wait().ok();

@@ -9,6 +9,7 @@ use crate::support::Backend;
 crate::on_both!(
     tenancy_scoping,
     publish_fan_out_and_idempotence,
+    concurrent_publishes_get_their_own_outcomes,
     claims_are_exclusive_until_the_lease_expires,
     attempts_move_deliveries_through_their_states
 );
@@ -148,6 +149,44 @@ async fn publish_fan_out_and_idempotence(b: Backend) {
         .await
         .unwrap();
     assert_eq!(all.len(), 3);
+    let of_e1 = s
+        .list_deliveries(&DeliveryFilter {
+            event_key: Some("e1".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(of_e1.len(), 2, "an event's deliveries are found by its key");
+    assert_eq!(s.retry_deliveries(RetryTarget::Event("e2")).await.unwrap(), 1);
+}
+
+/// Concurrent requests share group commits; each still gets its own outcomes, and one key published by many
+/// requests at once is created exactly once.
+async fn concurrent_publishes_get_their_own_outcomes(b: Backend) {
+    let (s, _dir) = open(b).await;
+    subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("k{i}");
+            let out = s.publish(vec![event(&key, 7), event("shared", 7)], None).await.unwrap();
+            (key, out)
+        }));
+    }
+    let mut created_shared = 0;
+    for t in tasks {
+        let (key, out) = t.await.unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (out[0].event_key.as_str(), out[0].duplicate, out[0].deliveries),
+            (key.as_str(), false, 1)
+        );
+        assert_eq!((out[1].event_key.as_str(), out[1].deliveries), ("shared", 1));
+        created_shared += usize::from(!out[1].duplicate);
+    }
+    assert_eq!(created_shared, 1, "the shared key is created once");
 }
 
 async fn claims_are_exclusive_until_the_lease_expires(b: Backend) {
