@@ -504,12 +504,14 @@ impl Bench {
                 self.subscribe(&server, &db, &url, 1).await?;
                 let server = Arc::new(server);
                 let n = a.latency_rate * a.latency_secs;
+                // The first second warms up connections and caches and is left out of the figures.
+                let warm = a.latency_rate as i64;
                 let interval = Duration::from_secs_f64(1.0 / a.latency_rate as f64);
                 let sent: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
                 let mut ticker = tokio::time::interval(interval);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let mut tasks = Vec::with_capacity(n as usize);
-                for k in 0..n as i64 {
+                for k in -warm..n as i64 {
                     ticker.tick().await;
                     let (server, sent) = (server.clone(), sent.clone());
                     tasks.push(tokio::spawn(async move {
@@ -520,8 +522,11 @@ impl Bench {
                 for t in tasks {
                     t.await??;
                 }
-                self.wait_for(&seen, n, max_wait).await?;
+                self.wait_for(&seen, n + warm as u64, max_wait).await?;
                 self.complete(&seen, n)?;
+                if (-warm..0).any(|k| !seen.arrivals.lock().expect("lock").contains_key(&k)) {
+                    bail!("a warm-up event never arrived");
+                }
                 let mut lat: Vec<f64> = {
                     let arrivals = seen.arrivals.lock().expect("lock");
                     let sent = sent.lock().expect("lock");

@@ -63,8 +63,8 @@ impl SqliteStore {
             .foreign_keys(true);
         // The writer's page cache (8 MB) holds the B-tree pages a group commit touches, so large groups neither
         // spill to the WAL mid-transaction nor re-read pages; statement journals stay in memory. Its statement
-        // cache is small: multi-row statements differ by row count, and each cached one holds its compiled
-        // program (with 100 of them cached the process grew past 150 MiB).
+        // cache holds the few shapes of multi-row statements `chunks` makes (with one 2,000-row statement cached
+        // per row count, the process grew past 150 MiB).
         let write_opts = opts
             .clone()
             .pragma("cache_size", "-8000")
@@ -73,7 +73,7 @@ impl SqliteStore {
             .pragma("wal_autocheckpoint", "0")
             // A WAL that grew past this (a long read held it) is cut back when it starts over.
             .pragma("journal_size_limit", "67108864")
-            .statement_cache_capacity(8);
+            .statement_cache_capacity(64);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -227,8 +227,24 @@ async fn passive_checkpoint(pool: &SqlitePool) -> std::result::Result<i64, sqlx:
     row.try_get(1)
 }
 
-/// Rows per multi-row statement, under SQLite's limit of 32,766 parameters.
-const ROWS_PER_STATEMENT: usize = 2000;
+/// Most rows per multi-row statement (at most 14 parameters each, far under SQLite's limit of 32,766).
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// Splits rows into chunks whose lengths are powers of two, largest first, so a multi-row statement comes in at
+/// most nine shapes per table: each is prepared once and stays in the statement cache, where one statement
+/// per row count (as a plain split gives) would either be prepared again for every group or fill the cache
+/// with hundreds of large compiled programs.
+fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let n = ROWS_PER_STATEMENT.min(1 << rows.len().ilog2());
+        let (chunk, rest) = rows.split_at(n);
+        rows = rest;
+        Some(chunk)
+    })
+}
 
 /// Applies a group; returns the publish outcomes in the order of the publish operations.
 async fn apply_batch(
@@ -333,7 +349,7 @@ async fn publish_all(
         }
     }
     let mut inserted: HashSet<String> = HashSet::new();
-    for chunk in firsts.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(&firsts) {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) ",
         );
@@ -356,13 +372,14 @@ async fn publish_all(
         .collect();
     let mut earlier: HashMap<String, i64> = HashMap::new();
     for chunk in repeated.chunks(ROWS_PER_STATEMENT) {
+        // Rare (repeated keys): not worth a cached statement per length.
         let mut qb = QueryBuilder::<Sqlite>::new("SELECT event_key, deliveries FROM events WHERE event_key IN (");
         let mut list = qb.separated(", ");
         for k in chunk {
             list.push_bind(*k);
         }
         qb.push(")");
-        for r in qb.build().fetch_all(&mut *conn).await? {
+        for r in qb.build().persistent(false).fetch_all(&mut *conn).await? {
             earlier.insert(r.try_get("event_key")?, r.try_get("deliveries")?);
         }
     }
@@ -412,7 +429,7 @@ async fn publish_all(
         }
         out.push(outcomes);
     }
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(&rows) {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO deliveries (id, event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
              attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) ",
@@ -461,7 +478,7 @@ fn distinct_subscriptions<'a>(records: &[&'a AttemptRecord], pred: impl Fn(Outco
 
 async fn record_all(conn: &mut SqliteConnection, records: &[&AttemptRecord], disable_after_ms: i64) -> Result<()> {
     let now = now_ms();
-    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+    for chunk in chunks(records) {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
              response_excerpt) ",
@@ -509,14 +526,14 @@ async fn record_all(conn: &mut SqliteConnection, records: &[&AttemptRecord], dis
             QueryBuilder::<Sqlite>::new("UPDATE user_subscriptions SET failing_since = COALESCE(failing_since, ");
         qb.push_bind(now).push(") WHERE subscription_key");
         push_in(&mut qb, &failing);
-        qb.build().execute(&mut *conn).await?;
+        qb.build().persistent(false).execute(&mut *conn).await?;
     }
     if !delivered.is_empty() {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "UPDATE user_subscriptions SET failing_since = NULL WHERE failing_since IS NOT NULL AND subscription_key",
         );
         push_in(&mut qb, &delivered);
-        qb.build().execute(&mut *conn).await?;
+        qb.build().persistent(false).execute(&mut *conn).await?;
     }
     if !failing.is_empty() {
         let reason = format!(
@@ -531,7 +548,7 @@ async fn record_all(conn: &mut SqliteConnection, records: &[&AttemptRecord], dis
             .push_bind(now.saturating_sub(disable_after_ms))
             .push(" AND subscription_key");
         push_in(&mut qb, &failing);
-        qb.build().execute(&mut *conn).await?;
+        qb.build().persistent(false).execute(&mut *conn).await?;
     }
     if !gone.is_empty() {
         let mut qb =
@@ -539,7 +556,7 @@ async fn record_all(conn: &mut SqliteConnection, records: &[&AttemptRecord], dis
         qb.push_bind(format!("the callback answered 410 Gone at {}", format_ms(now)))
             .push(" WHERE state = 'ACTIVE' AND subscription_key");
         push_in(&mut qb, &gone);
-        qb.build().execute(&mut *conn).await?;
+        qb.build().persistent(false).execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -569,17 +586,16 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut qb = QueryBuilder::<Sqlite>::new(
+        // The ids travel as one JSON array, so the statement is the same for any number of them.
+        let rows = sqlx::query(
             "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, e.body, w.secret_key \
              FROM deliveries d JOIN events e ON e.event_key = d.event_key \
-             LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key WHERE d.state = 'pending' AND d.id IN (",
-        );
-        let mut list = qb.separated(", ");
-        for id in &ids {
-            list.push_bind(*id);
-        }
-        qb.push(") ORDER BY d.next_attempt_at");
-        let rows = qb.build().fetch_all(&self.read).await?;
+             LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key \
+             WHERE d.state = 'pending' AND d.id IN (SELECT value FROM json_each($1)) ORDER BY d.next_attempt_at",
+        )
+        .bind(serde_json::to_string(&ids).map_err(|e| Error::Internal(e.to_string()))?)
+        .fetch_all(&self.read)
+        .await?;
         let jobs = jobs_from_rows(&rows, HELD)?;
         held.extend(jobs.iter().map(|j| j.id));
         Ok(jobs)
@@ -611,3 +627,20 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
         .await
     }
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_powers_of_two_and_cover_every_row() {
+        for n in [0usize, 1, 2, 3, 7, 255, 256, 257, 1000, 4097] {
+            let rows: Vec<usize> = (0..n).collect();
+            let parts: Vec<&[usize]> = chunks(&rows).collect();
+            assert!(parts
+                .iter()
+                .all(|c| c.len().is_power_of_two() && c.len() <= ROWS_PER_STATEMENT));
+            assert_eq!(parts.concat(), rows, "{n} rows");
+        }
+    }
+}
