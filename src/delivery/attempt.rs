@@ -62,13 +62,15 @@ pub struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    /// Sends the delivery and returns the attempt's record.
-    pub async fn run(&self, job: &DeliveryJob, key: Option<&str>) -> AttemptRecord {
+    /// Sends the delivery and returns the attempt's record. `url` is `job.url` already parsed, when it parses.
+    pub async fn run(&self, job: &DeliveryJob, key: Option<&str>, url: Option<reqwest::Url>) -> AttemptRecord {
         let started_at = now_ms();
         let timestamp = format_ms(started_at);
-        let mut req = self
-            .client
-            .post(&job.url)
+        let req = match url {
+            Some(url) => self.client.post(url),
+            None => self.client.post(&job.url),
+        };
+        let mut req = req
             .header(CONTENT_TYPE, "application/json")
             .header("X-Webhook-Signature-Timestamp", &timestamp);
         if let Some(key) = key {

@@ -55,7 +55,12 @@ pub struct Engine {
     starved: AtomicBool,
     wake: Notify,
     keys: Mutex<HashMap<i64, CachedKeys>>,
+    /// Callback URLs as parsed: a subscription's URL is parsed once, not on every attempt.
+    urls: Mutex<HashMap<String, reqwest::Url>>,
 }
+
+/// Most parsed callback URLs kept; past it the cache starts over.
+const URL_CACHE: usize = 10_000;
 
 /// An application's secret keys and when they were read.
 type CachedKeys = (Instant, Arc<Vec<SecretKey>>);
@@ -76,6 +81,7 @@ impl Engine {
             starved: AtomicBool::new(false),
             wake: Notify::new(),
             keys: Mutex::new(HashMap::new()),
+            urls: Mutex::new(HashMap::new()),
         });
         (engine, rx)
     }
@@ -135,6 +141,19 @@ impl Engine {
         if let Ok(mut keys) = self.keys.lock() {
             keys.remove(&app_id);
         }
+    }
+
+    fn parsed_url(&self, url: &str) -> Option<reqwest::Url> {
+        let mut urls = self.urls.lock().ok()?;
+        if let Some(u) = urls.get(url) {
+            return Some(u.clone());
+        }
+        let parsed = reqwest::Url::parse(url).ok()?;
+        if urls.len() >= URL_CACHE {
+            urls.clear();
+        }
+        urls.insert(url.to_string(), parsed.clone());
+        Some(parsed)
     }
 
     /// The application's newest secret key whose validFrom has passed.
@@ -255,7 +274,7 @@ impl Engine {
             node: &self.settings.node_id,
             standard_webhooks: self.settings.standard_webhooks,
         };
-        let record = attempt.run(job, key.as_deref()).await;
+        let record = attempt.run(job, key.as_deref(), self.parsed_url(&job.url)).await;
         let (idx, label) = match record.outcome {
             Outcome::Delivered => (0, "delivered"),
             Outcome::RetryAt(_) => (1, "retry"),
