@@ -569,31 +569,20 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
 
     async fn claim_due(&self, now: i64, _lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
         let mut held = self.held.lock().await;
-        // Ids first, from the due index alone; rows are read only for the ones taken.
-        let due: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
-             ORDER BY next_attempt_at LIMIT $2",
-        )
-        .bind(now)
-        .bind(limit + held.len() as i64)
-        .fetch_all(&self.read)
-        .await?;
-        let ids: Vec<i64> = due
-            .into_iter()
-            .filter(|id| !held.contains(id))
-            .take(limit as usize)
-            .collect();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // The ids travel as one JSON array, so the statement is the same for any number of them.
+        // One statement: due rows from the due index, skipping those this process holds (passed as one JSON
+        // array, which SQLite turns into a temporary index), so only the rows taken are read and returned.
+        let holding: Vec<i64> = held.iter().copied().collect();
         let rows = sqlx::query(
             "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, e.body, w.secret_key \
              FROM deliveries d JOIN events e ON e.event_key = d.event_key \
              LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key \
-             WHERE d.state = 'pending' AND d.id IN (SELECT value FROM json_each($1)) ORDER BY d.next_attempt_at",
+             WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
+               AND d.id NOT IN (SELECT value FROM json_each($2)) \
+             ORDER BY d.next_attempt_at LIMIT $3",
         )
-        .bind(serde_json::to_string(&ids).map_err(|e| Error::Internal(e.to_string()))?)
+        .bind(now)
+        .bind(serde_json::to_string(&holding).map_err(|e| Error::Internal(e.to_string()))?)
+        .bind(limit)
         .fetch_all(&self.read)
         .await?;
         let jobs = jobs_from_rows(&rows, HELD)?;
