@@ -25,8 +25,55 @@ pub struct SqliteStore {
     held: Held,
 }
 
-/// Locked across a claim's read, so a result committed meanwhile cannot make a delivery look free twice.
-type Held = Arc<tokio::sync::Mutex<HashSet<i64>>>;
+type Held = Arc<std::sync::Mutex<Holdings>>;
+
+/// What this process holds, and what it let go of while claims were reading. A claim reads without the lock;
+/// a delivery whose result was committed during that read may still look pending to it, so such deliveries are
+/// remembered until no claim is reading, and claims skip them (they are taken by a later claim if due again).
+#[derive(Default)]
+struct Holdings {
+    ids: HashSet<i64>,
+    claims_reading: usize,
+    released_while_reading: HashSet<i64>,
+}
+
+impl Holdings {
+    fn release(&mut self, id: i64) {
+        self.ids.remove(&id);
+        if self.claims_reading > 0 {
+            self.released_while_reading.insert(id);
+        }
+    }
+}
+
+/// Counts a claim's read for as long as it runs, however it ends.
+struct ClaimRead<'a>(&'a Held);
+
+impl<'a> ClaimRead<'a> {
+    /// Starts a read; returns the ids held now, as a JSON array.
+    fn start(held: &'a Held) -> Result<(Self, String)> {
+        let mut h = holdings(held);
+        let ids = serde_json::to_string(&h.ids).map_err(|e| Error::Internal(e.to_string()))?;
+        h.claims_reading += 1;
+        Ok((Self(held), ids))
+    }
+}
+
+impl Drop for ClaimRead<'_> {
+    fn drop(&mut self) {
+        let mut h = holdings(self.0);
+        h.claims_reading -= 1;
+        if h.claims_reading == 0 {
+            h.released_while_reading.clear();
+        }
+    }
+}
+
+fn holdings(held: &Held) -> std::sync::MutexGuard<'_, Holdings> {
+    // A panic while holding this lock cannot leave the sets half-updated in a way that matters more than
+    // stopping would; carry on with them.
+    held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Held by the writer while it applies a group, and by the checkpointer while it finishes a checkpoint.
 type Gate = Arc<tokio::sync::Mutex<()>>;
@@ -139,7 +186,7 @@ async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>, held: Hel
         for _ in 0..20 {
             match &result {
                 Err(Error::Database(sqlx::Error::Database(d))) if d.code().as_deref() == Some("5") => {
-                    held.lock().await.retain(|id| *id < first_id || *id >= next_id);
+                    holdings(&held).ids.retain(|id| *id < first_id || *id >= next_id);
                     next_id = first_id;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     result = apply_batch(&pool, &ops, &mut next_id, &held).await;
@@ -151,11 +198,11 @@ async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>, held: Hel
         match result {
             Ok(mut published) => {
                 // Recorded deliveries are committed in their new state: they may be claimed again when due.
-                let mut h = held.lock().await;
+                let mut h = holdings(&held);
                 for op in &ops {
                     if let WriteOp::Record { results, .. } = op {
                         for r in results {
-                            h.remove(&r.delivery_id);
+                            h.release(r.delivery_id);
                         }
                     }
                 }
@@ -172,7 +219,7 @@ async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>, held: Hel
                 }
             }
             Err(e) => {
-                held.lock().await.retain(|id| *id < first_id || *id >= next_id);
+                holdings(&held).ids.retain(|id| *id < first_id || *id >= next_id);
                 next_id = first_id;
                 tracing::error!(error = %e, "group commit failed");
                 for op in ops {
@@ -263,8 +310,8 @@ async fn apply_batch(
         .collect();
     let published = publish_all(&mut tx, &publishes, next_id).await?;
     // Held before the commit makes them visible, so a concurrent claim cannot take them too.
-    held.lock()
-        .await
+    holdings(held)
+        .ids
         .extend(published.iter().flatten().flat_map(|o| o.jobs.iter().map(|j| j.id)));
     let mut records = Vec::new();
     let mut disable_after_ms = i64::MAX;
@@ -568,10 +615,9 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
     }
 
     async fn claim_due(&self, now: i64, _lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
-        let mut held = self.held.lock().await;
         // One statement: due rows from the due index, skipping those this process holds (passed as one JSON
         // array, which SQLite turns into a temporary index), so only the rows taken are read and returned.
-        let holding: Vec<i64> = held.iter().copied().collect();
+        let (reading, holding) = ClaimRead::start(&self.held)?;
         let rows = sqlx::query(
             "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, e.body, w.secret_key \
              FROM deliveries d JOIN events e ON e.event_key = d.event_key \
@@ -581,20 +627,30 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
              ORDER BY d.next_attempt_at LIMIT $3",
         )
         .bind(now)
-        .bind(serde_json::to_string(&holding).map_err(|e| Error::Internal(e.to_string()))?)
+        .bind(holding)
         .bind(limit)
         .fetch_all(&self.read)
         .await?;
-        let jobs = jobs_from_rows(&rows, HELD)?;
-        held.extend(jobs.iter().map(|j| j.id));
+        let mut h = holdings(&self.held);
+        // Taken meanwhile by a publish's fast path, or recorded while this claim read: not this claim's.
+        let jobs: Vec<DeliveryJob> = jobs_from_rows(&rows, HELD)?
+            .into_iter()
+            .filter(|j| !h.ids.contains(&j.id) && !h.released_while_reading.contains(&j.id))
+            .collect();
+        h.ids.extend(jobs.iter().map(|j| j.id));
+        drop(h);
+        drop(reading);
         Ok(jobs)
     }
 
     async fn release_leases(&self, _owner: Option<&str>) -> Result<u64> {
         // Leases live in memory (one process per file); rows leased by older versions are cleared too.
-        let mut held = self.held.lock().await;
-        let n = held.len() as u64;
-        held.clear();
+        let n = {
+            let mut h = holdings(&self.held);
+            let n = h.ids.len() as u64;
+            h.ids.clear();
+            n
+        };
         sqlx::query(
             "UPDATE deliveries SET lease_owner = NULL, lease_until = 0 WHERE state = 'pending' AND lease_until > 0",
         )
@@ -620,6 +676,30 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deliveries_released_while_a_claim_reads_are_not_claimable_by_it() {
+        let held = Held::default();
+        holdings(&held).ids.extend([1, 2]);
+        let (reading, ids) = ClaimRead::start(&held).expect("start");
+        let mut sent: Vec<i64> = serde_json::from_str(&ids).expect("JSON array");
+        sent.sort_unstable();
+        assert_eq!(sent, [1, 2]);
+        // Delivery 1's result is committed while the claim reads: the claim may have seen it pending.
+        holdings(&held).release(1);
+        assert!(!holdings(&held).ids.contains(&1));
+        assert!(holdings(&held).released_while_reading.contains(&1));
+        drop(reading);
+        assert!(
+            holdings(&held).released_while_reading.is_empty(),
+            "forgotten once no claim reads"
+        );
+        holdings(&held).release(2);
+        assert!(
+            holdings(&held).released_while_reading.is_empty(),
+            "nothing to remember without a claim"
+        );
+    }
 
     #[test]
     fn chunks_are_powers_of_two_and_cover_every_row() {
