@@ -234,6 +234,16 @@ impl Server {
     }
 }
 
+/// A scenario that fails part-way leaves no server behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 struct Bench {
     args: Args,
     bin: PathBuf,
