@@ -275,9 +275,10 @@ impl Bench {
         }
     }
 
-    async fn fresh_db(&self, backend: &str, dir: &std::path::Path) -> anyhow::Result<String> {
+    /// A fresh database: a file in `dir`, or a new PostgreSQL schema (named in the second value).
+    async fn fresh_db(&self, backend: &str, dir: &std::path::Path) -> anyhow::Result<(String, Option<String>)> {
         if backend == "sqlite" {
-            return Ok(format!("sqlite://{}", dir.join("bench.db").display()));
+            return Ok((format!("sqlite://{}", dir.join("bench.db").display()), None));
         }
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         let pool = sqlx::PgPool::connect(&self.args.postgres_url)
@@ -286,7 +287,19 @@ impl Bench {
         sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await?;
         pool.close().await;
         let sep = if self.args.postgres_url.contains('?') { '&' } else { '?' };
-        Ok(format!("{}{sep}options[search_path]={schema}", self.args.postgres_url))
+        Ok((
+            format!("{}{sep}options[search_path]={schema}", self.args.postgres_url),
+            Some(schema),
+        ))
+    }
+
+    /// Drops a scenario's schema, so that PostgreSQL's autovacuum does not work through its tables while the
+    /// next scenario runs on the same cores.
+    async fn drop_schema(&self, schema: &str) -> anyhow::Result<()> {
+        let pool = sqlx::PgPool::connect(&self.args.postgres_url).await?;
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&pool).await?;
+        pool.close().await;
+        Ok(())
     }
 
     async fn start_server(&self, db: &str, extra: &[&str]) -> anyhow::Result<(Server, Duration)> {
@@ -437,7 +450,7 @@ impl Bench {
 
     async fn scenario(&mut self, backend: &str, scenario: &str) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let db = self.fresh_db(backend, dir.path()).await?;
+        let (db, schema) = self.fresh_db(backend, dir.path()).await?;
         let seen = Arc::new(Seen::default());
         seen.record_arrivals.store(true, Ordering::Relaxed);
         let url = start_receiver(seen.clone()).await?;
@@ -653,6 +666,9 @@ impl Bench {
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             other => bail!("unknown scenario {other}"),
+        }
+        if let Some(schema) = schema {
+            self.drop_schema(&schema).await?;
         }
         Ok(())
     }
