@@ -297,7 +297,9 @@ impl Bench {
     /// next scenario runs on the same cores.
     async fn drop_schema(&self, schema: &str) -> anyhow::Result<()> {
         let pool = sqlx::PgPool::connect(&self.args.postgres_url).await?;
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&pool).await?;
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&pool)
+            .await?;
         pool.close().await;
         Ok(())
     }
