@@ -292,31 +292,24 @@ sql_store!(PgStore, Postgres, PgRow, {
     }
 
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
-        let mut tx = self.write.begin().await?;
-        let ids: Vec<i64> = sqlx::query_scalar(
+        // One statement (atomic on its own): lease the due rows no other node has locked, and return them with
+        // their bodies and keys.
+        let rows = sqlx::query(
             "WITH c AS (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
-               AND lease_until < $3 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             UPDATE deliveries d SET lease_owner = $1, lease_until = $2 FROM c WHERE d.id = c.id RETURNING d.id",
+               AND lease_until < $3 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED), \
+             u AS (UPDATE deliveries d SET lease_owner = $1, lease_until = $2 FROM c WHERE d.id = c.id \
+               RETURNING d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, d.webhook_key, \
+                 d.next_attempt_at) \
+             SELECT u.id, u.event_key, u.app_id, u.subscription_key, u.url, u.attempts, e.body, w.secret_key \
+             FROM u JOIN events e ON e.event_key = u.event_key \
+             LEFT JOIN webhooks w ON w.webhook_key = u.webhook_key ORDER BY u.next_attempt_at",
         )
         .bind(&lease.owner)
         .bind(lease.until)
         .bind(now)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.write)
         .await?;
-        if ids.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        let rows = sqlx::query(
-            "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, e.body, w.secret_key \
-             FROM deliveries d JOIN events e ON e.event_key = d.event_key \
-             LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key WHERE d.id = ANY($1) ORDER BY d.next_attempt_at",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
         jobs_from_rows(&rows, lease.until)
     }
 
