@@ -25,7 +25,7 @@ use attempt::{Attempt, RetryPolicy};
 const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
 /// Attempts sent and not yet recorded, per request slot (`--max-in-flight`): bounds the duplicates a crash
 /// can cause while commits run beside the requests.
-pub const UNRECORDED_PER_SLOT: usize = 2;
+const UNRECORDED_PER_SLOT: usize = 2;
 /// Most deliveries one scheduler claim takes.
 const CLAIM_BATCH: usize = 512;
 

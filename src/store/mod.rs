@@ -209,6 +209,17 @@ pub enum RetryTarget<'a> {
 
 pub type DynStore = Arc<dyn Store>;
 
+/// Hands an operation to a group-commit task and waits for its answer (sent on the operation's own `reply`).
+async fn ask<Op, T>(
+    tasks: &tokio::sync::mpsc::Sender<Op>,
+    op: Op,
+    reply: tokio::sync::oneshot::Receiver<Result<T>>,
+) -> Result<T> {
+    let stopped = || Error::Unavailable("the database writer has stopped".into());
+    tasks.send(op).await.map_err(|_| stopped())?;
+    reply.await.map_err(|_| stopped())?
+}
+
 /// Opens the store the URL names, creating and migrating it.
 pub async fn connect(url: &str, pool_size: u32, synchronous: &str) -> Result<DynStore> {
     if url.starts_with("sqlite:") {

@@ -283,12 +283,7 @@ fn listen(pool: PgPool, wake: WorkSignal) {
 sql_store!(PgStore, Postgres, PgRow, {
     async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
         let (reply, rx) = oneshot::channel();
-        let stopped = || Error::Unavailable("the publish writer has stopped".into());
-        self.publisher
-            .send(PublishOp { events, lease, reply })
-            .await
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        ask(&self.publisher, PublishOp { events, lease, reply }, rx).await
     }
 
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {

@@ -151,15 +151,6 @@ impl SqliteStore {
             held,
         })
     }
-
-    async fn send<T>(&self, op: WriteOp, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
-        self.writer
-            .send(op)
-            .await
-            .map_err(|_| Error::Unavailable("the database writer has stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("the database writer has stopped".into()))?
-    }
 }
 
 /// The group-commit writer: drains every waiting operation, applies them together with set-based statements in
@@ -611,7 +602,7 @@ async fn record_all(conn: &mut SqliteConnection, records: &[&AttemptRecord], dis
 sql_store!(SqliteStore, Sqlite, SqliteRow, {
     async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
         let (reply, rx) = oneshot::channel();
-        self.send(WriteOp::Publish { events, lease, reply }, rx).await
+        ask(&self.writer, WriteOp::Publish { events, lease, reply }, rx).await
     }
 
     async fn claim_due(&self, now: i64, _lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
@@ -661,7 +652,8 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
 
     async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.send(
+        ask(
+            &self.writer,
             WriteOp::Record {
                 results,
                 disable_after_ms,
