@@ -226,6 +226,28 @@ async fn bad_events_are_refused_and_create_nothing(b: Backend) {
     ] {
         expect_error(app.admin(Method::POST, "/events", Some(body)).await, 400, needle).await;
     }
+    // Raw JSON can name a field twice; the event is refused, not read with one of the two values.
+    for (raw, needle) in [
+        (
+            r#"{"eventName":"webinar.created","webinarKey":1,"webinarKey":2,"organizerKey":1001}"#,
+            "duplicate field `webinarKey`",
+        ),
+        (
+            r#"{"eventName":"webinar.created","webinarKey":1,"organizerKey":1001,"eventKey":null}"#,
+            "eventKey: expected a string",
+        ),
+    ] {
+        let res = app
+            .http
+            .post(format!("{}/admin/v1/events", app.base))
+            .bearer_auth(crate::support::ADMIN)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        expect_error(res, 400, needle).await;
+    }
     let res = app
         .http
         .post(format!("{}/admin/v1/events", app.base))
