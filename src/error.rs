@@ -28,6 +28,9 @@ pub enum Error {
     Unavailable(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From the SQLite connection that carries the delivery hot path.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
     Internal(String),
 }
@@ -61,6 +64,15 @@ impl Error {
         }
     }
 
+    /// SQLite answered SQLITE_BUSY: another connection held the write lock past the busy timeout.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            Error::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => e.code == rusqlite::ErrorCode::DatabaseBusy,
+            Error::Database(sqlx::Error::Database(d)) => d.code().as_deref() == Some("5"),
+            _ => false,
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "InvalidRequest"),
@@ -75,7 +87,20 @@ impl Error {
             Error::Database(
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
             ) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
-            Error::Database(_) | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+            Error::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::CannotOpen
+                ) =>
+            {
+                (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+            }
+            Error::Database(_) | Error::Sqlite(_) | Error::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
+            }
         }
     }
 }

@@ -152,8 +152,10 @@ fn client(concurrency: usize) -> reqwest::Client {
 }
 
 /// The ceiling: the receiver driven directly by the same client at the same concurrency.
-async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result<f64> {
+/// The ceiling's requests per second, and the CPU time per request it took (client and receiver together).
+async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result<(f64, f64)> {
     let http = client(concurrency);
+    let cpu = cpu_secs("self");
     let body = Bytes::from(event(0, 1).to_string());
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -174,7 +176,24 @@ async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result
     for t in tasks {
         t.await?;
     }
-    Ok(requests as f64 / start.elapsed().as_secs_f64())
+    Ok((
+        requests as f64 / start.elapsed().as_secs_f64(),
+        (cpu_secs("self") - cpu) / requests as f64 * 1e6,
+    ))
+}
+
+/// CPU time (user + system, all threads, finished ones included) a process has used, in seconds.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces): utime and stime are the
+    // 12th and 13th, in clock ticks of 1/100 s (USER_HZ on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn event(key: i64, organizer: i64) -> Value {
@@ -190,6 +209,10 @@ struct Server {
 }
 
 impl Server {
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs(&self.child.id().to_string())
+    }
+
     fn peak_rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
@@ -273,6 +296,12 @@ impl Bench {
         if !self.args.json {
             eprintln!("  {backend:<8} {scenario:<10} {metric:<32} {value:>12.1} {unit}");
         }
+    }
+
+    /// The server's CPU time per delivery since `from` (seconds of CPU, as `Server::cpu_secs` read it).
+    fn record_cpu(&mut self, backend: &str, scenario: &str, server: &Server, from: f64, deliveries: u64) {
+        let per = (server.cpu_secs() - from) / deliveries as f64 * 1e6;
+        self.record(backend, scenario, "server CPU per delivery", per, "us", false);
     }
 
     /// A fresh database: a file in `dir`, or a new PostgreSQL schema (named in the second value).
@@ -462,15 +491,16 @@ impl Bench {
             // a ratio means most when both sides ran under the same conditions.
             let ceiling_url = start_receiver(Arc::new(Seen::default())).await?;
             let requests = if a.smoke { 5000 } else { a.events.min(100_000) };
-            self.ceiling = ceiling(&ceiling_url, requests, a.max_in_flight).await?;
-            let value = self.ceiling;
+            let (rate, cpu) = ceiling(&ceiling_url, requests, a.max_in_flight).await?;
+            self.ceiling = rate;
+            self.record(backend, scenario, "ceiling: receiver driven directly", rate, "/s", true);
             self.record(
                 backend,
                 scenario,
-                "ceiling: receiver driven directly",
-                value,
-                "/s",
-                true,
+                "ceiling: CPU per request (client + receiver)",
+                cpu,
+                "us",
+                false,
             );
         }
         let (events, batch, pubs, max_wait) = (a.events, a.batch, a.batch_publishers, Duration::from_secs(600));
@@ -479,11 +509,13 @@ impl Bench {
                 let (server, _) = self.start_server(&db, &[]).await?;
                 self.subscribe(&server, &db, &url, 1).await?;
                 let server = Arc::new(server);
+                let cpu = server.cpu_secs();
                 let start = Instant::now();
                 let publish = self.publish_batched(&server, events, batch, pubs).await?;
                 self.wait_for(&seen, events, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
                 self.complete(&seen, events)?;
+                self.record_cpu(backend, scenario, &server, cpu, events);
                 let rss = server.peak_rss_mib();
                 self.record(
                     backend,
@@ -510,10 +542,12 @@ impl Bench {
                 let server = Arc::new(server);
                 seen.record_arrivals.store(false, Ordering::Relaxed);
                 let total = a.fanout_events * a.fanout_subs;
+                let cpu = server.cpu_secs();
                 let start = Instant::now();
                 self.publish_batched(&server, a.fanout_events, 100, pubs).await?;
                 self.wait_for(&seen, total, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                self.record_cpu(backend, scenario, &server, cpu, total);
                 self.record(
                     backend,
                     scenario,
@@ -588,6 +622,7 @@ impl Bench {
                 self.publish_batched(&server, a.backlog, batch, pubs).await?;
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
                 let (server, startup) = self.start_server(&db, &[]).await?;
+                let cpu = server.cpu_secs();
                 let start = Instant::now();
                 self.record(
                     backend,
@@ -599,6 +634,7 @@ impl Bench {
                 );
                 self.wait_for(&seen, a.backlog, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                self.record_cpu(backend, scenario, &server, cpu, a.backlog);
                 self.record(
                     backend,
                     scenario,
@@ -622,11 +658,13 @@ impl Bench {
                 self.subscribe(&server, &db, &url, 1).await?;
                 let server = Arc::new(server);
                 let n = a.single_events;
+                let cpu = server.cpu_secs();
                 let start = Instant::now();
                 self.publish_batched(&server, n, 1, a.publishers).await?;
                 self.wait_for(&seen, n, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
                 self.complete(&seen, n)?;
+                self.record_cpu(backend, scenario, &server, cpu, n);
                 let rate = n as f64 / (end - start).as_secs_f64();
                 self.record(
                     backend,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::common::sql_store;
@@ -108,19 +108,18 @@ impl SqliteStore {
             .synchronous(sync)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        // The writer's page cache (8 MB) holds the B-tree pages a group commit touches, so large groups neither
-        // spill to the WAL mid-transaction nor re-read pages; statement journals stay in memory. Its statement
-        // cache holds the few shapes of multi-row statements `chunks` makes (with one 2,000-row statement cached
-        // per row count, the process grew past 150 MiB).
+        let path = opts.get_filename().to_path_buf();
+        if path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:") {
+            return Err(Error::bad_request(
+                "an in-memory SQLite database cannot be shared by the service's connections: use sqlite://FILE",
+            ));
+        }
+        // Migrations, management writes and lease clean-up; the delivery hot path has its own connection.
         let write_opts = opts
             .clone()
-            .pragma("cache_size", "-8000")
-            .pragma("temp_store", "memory")
-            // Checkpoints run beside the writer (see `checkpoint`), not inside its commits.
+            // Checkpoints run beside the writers (see `checkpoint`), not inside their commits.
             .pragma("wal_autocheckpoint", "0")
-            // A WAL that grew past this (a long read held it) is cut back when it starts over.
-            .pragma("journal_size_limit", "67108864")
-            .statement_cache_capacity(64);
+            .statement_cache_capacity(32);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -131,6 +130,9 @@ impl SqliteStore {
             .run(&write)
             .await
             .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+        let hot = tokio::task::spawn_blocking(move || Hot::open(&path, sync))
+            .await
+            .map_err(|e| Error::Internal(format!("opening the database: {e}")))??;
         let read = SqlitePoolOptions::new()
             .max_connections(pool_size.max(1))
             .connect_with(opts.clone().read_only(true).statement_cache_capacity(16))
@@ -138,7 +140,7 @@ impl SqliteStore {
         let (writer, rx) = mpsc::channel(4096);
         let held: Held = Arc::default();
         let gate = Gate::default();
-        tokio::spawn(run_writer(write.clone(), rx, held.clone(), gate.clone()));
+        tokio::spawn(run_writer(hot, rx, held.clone(), gate.clone()));
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts.clone())
@@ -153,38 +155,82 @@ impl SqliteStore {
     }
 }
 
+/// The connection that carries the delivery hot path (publishes and attempt results), owned by the writer.
+/// rusqlite drives it on a blocking thread: a group commit is one hop off the async runtime, its statements are
+/// prepared once and bound in place, and RETURNING rows are read where they are produced. (Through sqlx's
+/// connection worker each statement was a round trip between threads, with every bound value copied first.)
+struct Hot {
+    conn: rusqlite::Connection,
+    /// Ids given to the next delivery and the next event: assigned here, so a group's jobs are known without
+    /// reading rows back.
+    next_id: i64,
+    next_event: i64,
+}
+
+impl Hot {
+    fn open(path: &std::path::Path, sync: SqliteSynchronous) -> Result<Self> {
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let sync = match sync {
+            SqliteSynchronous::Off => "OFF",
+            SqliteSynchronous::Normal => "NORMAL",
+            SqliteSynchronous::Full => "FULL",
+            SqliteSynchronous::Extra => "EXTRA",
+        };
+        // An 8 MB page cache holds the B-tree pages a group commit touches, so large groups neither spill to
+        // the WAL mid-transaction nor re-read pages. The statement cache holds the few shapes of multi-row
+        // statements `chunks` makes.
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
+             PRAGMA cache_size = -8000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0; \
+             PRAGMA journal_size_limit = 67108864;"
+        ))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let next_id = conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries", [], |r| r.get(0))?;
+        let next_event = conn.query_row("SELECT COALESCE(MAX(rowid), 0) + 1 FROM events", [], |r| r.get(0))?;
+        Ok(Self {
+            conn,
+            next_id,
+            next_event,
+        })
+    }
+}
+
 /// The group-commit writer: drains every waiting operation, applies them together with set-based statements in
 /// one transaction, commits once (one fsync for all), then answers each. Inputs are validated before they get
 /// here, so a failure is the database's and fails the whole group, which then retries or reports it.
-async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate) {
-    let mut next_id = match sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries")
-        .fetch_one(&pool)
-        .await
-    {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::error!(error = %e, "the writer cannot read the database");
-            return;
-        }
-    };
+async fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let ops: Vec<WriteOp> = std::mem::take(&mut batch);
+        let mut ops: Vec<WriteOp> = std::mem::take(&mut batch);
         let pause = gate.lock().await;
-        let first_id = next_id;
-        let mut result = apply_batch(&pool, &ops, &mut next_id, &held).await;
-        // SQLITE_BUSY (another process, such as a CLI command, holds the lock): try again before failing.
-        for _ in 0..20 {
-            match &result {
-                Err(Error::Database(sqlx::Error::Database(d))) if d.code().as_deref() == Some("5") => {
-                    holdings(&held).ids.retain(|id| *id < first_id || *id >= next_id);
-                    next_id = first_id;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    result = apply_batch(&pool, &ops, &mut next_id, &held).await;
+        let mut attempt = 0;
+        let result = loop {
+            let h = held.clone();
+            let (back, back_ops, result) = match tokio::task::spawn_blocking(move || {
+                let result = apply_batch(&mut hot, &ops, &h);
+                (hot, ops, result)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    // The group's thread panicked: the connection went with it, and nothing more can be written.
+                    tracing::error!(error = %e, "the database writer stopped");
+                    return;
                 }
-                _ => break,
+            };
+            (hot, ops) = (back, back_ops);
+            attempt += 1;
+            match &result {
+                // SQLITE_BUSY past the busy timeout (another process, such as a CLI command, holds the lock).
+                Err(e) if attempt < 20 && e.is_busy() => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => break result,
             }
-        }
+        };
         drop(pause);
         match result {
             Ok(mut published) => {
@@ -210,8 +256,6 @@ async fn run_writer(pool: SqlitePool, mut rx: mpsc::Receiver<WriteOp>, held: Hel
                 }
             }
             Err(e) => {
-                holdings(&held).ids.retain(|id| *id < first_id || *id >= next_id);
-                next_id = first_id;
                 tracing::error!(error = %e, "group commit failed");
                 for op in ops {
                     match op {
@@ -265,7 +309,7 @@ async fn passive_checkpoint(pool: &SqlitePool) -> std::result::Result<i64, sqlx:
     row.try_get(1)
 }
 
-/// Most rows per multi-row statement (at most 14 parameters each, far under SQLite's limit of 32,766).
+/// Most rows per multi-row statement (at most 8 parameters each, far under SQLite's limit of 32,766).
 const ROWS_PER_STATEMENT: usize = 256;
 
 /// Splits rows into chunks whose lengths are powers of two, largest first, so a multi-row statement comes in at
@@ -284,14 +328,111 @@ fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
-/// Applies a group; returns the publish outcomes in the order of the publish operations.
-async fn apply_batch(
-    pool: &SqlitePool,
-    ops: &[WriteOp],
-    next_id: &mut i64,
-    held: &Held,
-) -> Result<Vec<Vec<PublishOutcome>>> {
-    let mut tx = pool.begin().await?;
+/// A multi-row statement: `head`, then `rows` copies of `row` (each `#` in it is the row's next parameter,
+/// numbered after the `shared` parameters every row may refer to as ?1..), then `tail`. The texts of the nine
+/// chunk shapes are built once.
+struct MultiRow {
+    head: &'static str,
+    row: &'static str,
+    tail: &'static str,
+    shared: usize,
+    texts: [std::sync::OnceLock<String>; 9],
+}
+
+impl MultiRow {
+    const fn new(head: &'static str, row: &'static str, tail: &'static str, shared: usize) -> Self {
+        Self {
+            head,
+            row,
+            tail,
+            shared,
+            texts: [const { std::sync::OnceLock::new() }; 9],
+        }
+    }
+
+    fn per_row(&self) -> usize {
+        self.row.matches('#').count()
+    }
+
+    /// The text for `rows` rows (a power of two up to `ROWS_PER_STATEMENT`).
+    fn sql(&self, rows: usize) -> &str {
+        self.texts[rows.ilog2() as usize].get_or_init(|| {
+            let mut sql = String::from(self.head);
+            let mut next = self.shared + 1;
+            for r in 0..rows {
+                if r > 0 {
+                    sql.push_str(", ");
+                }
+                for part in self.row.split_inclusive('#') {
+                    match part.strip_suffix('#') {
+                        Some(text) => {
+                            sql.push_str(text);
+                            sql.push_str(&format!("?{next}"));
+                            next += 1;
+                        }
+                        None => sql.push_str(part),
+                    }
+                }
+            }
+            sql.push_str(self.tail);
+            sql
+        })
+    }
+
+    /// The 1-based index of parameter `col` of row `row`.
+    fn param(&self, row: usize, col: usize) -> usize {
+        self.shared + row * self.per_row() + col + 1
+    }
+}
+
+static INSERT_EVENTS: MultiRow = MultiRow::new(
+    "INSERT INTO events (rowid, event_key, organizer_key, event_name, body, deliveries, created_at) VALUES ",
+    "(#, #, #, #, #, #, ?1)",
+    " ON CONFLICT (event_key) DO NOTHING RETURNING rowid",
+    1,
+);
+
+static INSERT_DELIVERIES: MultiRow = MultiRow::new(
+    "INSERT INTO deliveries (id, event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+     attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) VALUES ",
+    "(#, #, #, #, #, #, #, 'pending', 0, ?1, NULL, 0, ?1, ?1)",
+    "",
+    1,
+);
+
+static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
+    "INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
+     response_excerpt) VALUES ",
+    "(#, #, #, #, #, #, #, #)",
+    "",
+    0,
+);
+
+static UPDATE_DELIVERIES: MultiRow = MultiRow::new(
+    "UPDATE deliveries SET state = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
+     lease_owner = NULL, lease_until = 0, last_status = v.column5, last_error = v.column6, updated_at = ?1 \
+     FROM (VALUES ",
+    "(#, #, #, #, #, #)",
+    ") AS v WHERE deliveries.id = v.column1",
+    1,
+);
+
+/// Applies a group in one transaction; returns the publish outcomes in the order of the publish operations.
+/// On failure the id counters are put back and the group's deliveries are no longer held.
+fn apply_batch(hot: &mut Hot, ops: &[WriteOp], held: &Held) -> Result<Vec<Vec<PublishOutcome>>> {
+    let (first_id, first_event) = (hot.next_id, hot.next_event);
+    let result = apply_batch_once(hot, ops, held);
+    if result.is_err() {
+        holdings(held).ids.retain(|id| *id < first_id || *id >= hot.next_id);
+        (hot.next_id, hot.next_event) = (first_id, first_event);
+    }
+    result
+}
+
+fn apply_batch_once(hot: &mut Hot, ops: &[WriteOp], held: &Held) -> Result<Vec<Vec<PublishOutcome>>> {
+    let tx = hot
+        .conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let publishes: Vec<(&[NewEvent], Option<&Lease>)> = ops
         .iter()
         .filter_map(|op| match op {
@@ -299,7 +440,7 @@ async fn apply_batch(
             WriteOp::Record { .. } => None,
         })
         .collect();
-    let published = publish_all(&mut tx, &publishes, next_id).await?;
+    let published = publish_all(&tx, &publishes, &mut hot.next_id, &mut hot.next_event)?;
     // Held before the commit makes them visible, so a concurrent claim cannot take them too.
     holdings(held)
         .ids
@@ -318,9 +459,9 @@ async fn apply_batch(
         }
     }
     if !records.is_empty() {
-        record_all(&mut tx, &records, disable_after_ms).await?;
+        record_all(&tx, &records, disable_after_ms)?;
     }
-    tx.commit().await?;
+    tx.commit()?;
     Ok(published)
 }
 
@@ -333,114 +474,108 @@ struct Target {
     secret_key: Option<String>,
 }
 
-async fn publish_all(
-    conn: &mut SqliteConnection,
+fn publish_all(
+    tx: &rusqlite::Transaction,
     ops: &[(&[NewEvent], Option<&Lease>)],
     next_id: &mut i64,
+    next_event: &mut i64,
 ) -> Result<Vec<Vec<PublishOutcome>>> {
     if ops.is_empty() {
         return Ok(Vec::new());
     }
     let now = now_ms();
-    // Fan-out targets: one query per distinct (organizer, event name) in the group.
-    let mut targets: HashMap<(i64, EventName), Vec<Target>> = HashMap::new();
-    for ev in ops.iter().flat_map(|(events, _)| events.iter()) {
-        let key = (ev.organizer_key, ev.event_name);
-        if targets.contains_key(&key) {
-            continue;
-        }
-        let rows = sqlx::query(
-            "SELECT s.subscription_key, s.app_id, s.webhook_key, COALESCE(s.callback_url, w.callback_url) AS url, \
-             w.secret_key FROM user_subscriptions s JOIN webhooks w ON w.webhook_key = s.webhook_key \
-             WHERE s.organizer_key = $1 AND w.event_name = $2 AND s.state = 'ACTIVE' AND w.state = 'ACTIVE'",
-        )
-        .bind(ev.organizer_key)
-        .bind(ev.event_name.as_str())
-        .fetch_all(&mut *conn)
-        .await?;
-        let list = rows
-            .iter()
-            .map(|r| {
-                Ok(Target {
-                    subscription_key: r.try_get("subscription_key")?,
-                    app_id: r.try_get("app_id")?,
-                    webhook_key: r.try_get("webhook_key")?,
-                    url: r.try_get("url")?,
-                    secret_key: r.try_get("secret_key")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        targets.insert(key, list);
-    }
-    let fan_out = |ev: &NewEvent| {
-        targets
-            .get(&(ev.organizer_key, ev.event_name))
-            .map_or(&[][..], Vec::as_slice)
-    };
+    let events: Vec<&NewEvent> = ops.iter().flat_map(|(events, _)| events.iter()).collect();
 
-    // Events, first occurrence of each key in the group; ON CONFLICT keeps publishing idempotent.
-    let mut firsts: Vec<&NewEvent> = Vec::new();
-    let mut seen: HashSet<&str> = HashSet::new();
-    for ev in ops.iter().flat_map(|(events, _)| events.iter()) {
-        if seen.insert(ev.event_key.as_str()) {
-            firsts.push(ev);
-        }
+    // Fan-out targets: one query per distinct (organizer, event name) in the group.
+    let mut groups: Vec<Vec<Target>> = Vec::new();
+    let mut group_of: HashMap<(i64, EventName), usize> = HashMap::new();
+    let mut fanout = tx.prepare_cached(
+        "SELECT s.subscription_key, s.app_id, s.webhook_key, COALESCE(s.callback_url, w.callback_url), \
+         w.secret_key FROM user_subscriptions s JOIN webhooks w ON w.webhook_key = s.webhook_key \
+         WHERE s.organizer_key = ?1 AND w.event_name = ?2 AND s.state = 'ACTIVE' AND w.state = 'ACTIVE'",
+    )?;
+    let mut target_of = Vec::with_capacity(events.len());
+    for ev in &events {
+        let key = (ev.organizer_key, ev.event_name);
+        let g = match group_of.get(&key) {
+            Some(g) => *g,
+            None => {
+                let list = fanout
+                    .query_map(rusqlite::params![ev.organizer_key, ev.event_name.as_str()], |r| {
+                        Ok(Target {
+                            subscription_key: r.get(0)?,
+                            app_id: r.get(1)?,
+                            webhook_key: r.get(2)?,
+                            url: r.get(3)?,
+                            secret_key: r.get(4)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                groups.push(list);
+                group_of.insert(key, groups.len() - 1);
+                groups.len() - 1
+            }
+        };
+        target_of.push(g);
     }
-    let mut inserted: HashSet<String> = HashSet::new();
-    for chunk in chunks(&firsts) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, ev| {
-            b.push_bind(&ev.event_key)
-                .push_bind(ev.organizer_key)
-                .push_bind(ev.event_name.as_str())
-                .push_bind(ev.body.as_ref())
-                .push_bind(fan_out(ev).len() as i64)
-                .push_bind(now);
-        });
-        qb.push(" ON CONFLICT (event_key) DO NOTHING RETURNING event_key");
-        inserted.extend(qb.build_query_scalar::<String>().fetch_all(&mut *conn).await?);
-    }
-    let repeated: Vec<&str> = ops
-        .iter()
-        .flat_map(|(events, _)| events.iter())
-        .map(|e| e.event_key.as_str())
-        .filter(|k| !inserted.contains(*k))
-        .collect();
-    let mut earlier: HashMap<String, i64> = HashMap::new();
-    for chunk in repeated.chunks(ROWS_PER_STATEMENT) {
-        // Rare (repeated keys): not worth a cached statement per length.
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT event_key, deliveries FROM events WHERE event_key IN (");
-        let mut list = qb.separated(", ");
-        for k in chunk {
-            list.push_bind(*k);
+    let fan_out = |i: usize| groups[target_of[i]].as_slice();
+
+    // Events, in order, each with the next rowid; ON CONFLICT keeps publishing idempotent (a key repeated
+    // within the group conflicts with its first occurrence). RETURNING names the rows inserted.
+    let first_event = *next_event;
+    *next_event += events.len() as i64;
+    let mut inserted = vec![false; events.len()];
+    let mut offset = 0;
+    for chunk in chunks(&events) {
+        let mut stmt = tx.prepare_cached(INSERT_EVENTS.sql(chunk.len()))?;
+        stmt.raw_bind_parameter(1, now)?;
+        for (r, ev) in chunk.iter().enumerate() {
+            let p = |c| INSERT_EVENTS.param(r, c);
+            stmt.raw_bind_parameter(p(0), first_event + (offset + r) as i64)?;
+            stmt.raw_bind_parameter(p(1), ev.event_key.as_str())?;
+            stmt.raw_bind_parameter(p(2), ev.organizer_key)?;
+            stmt.raw_bind_parameter(p(3), ev.event_name.as_str())?;
+            stmt.raw_bind_parameter(p(4), ev.body.as_ref())?;
+            stmt.raw_bind_parameter(p(5), fan_out(offset + r).len() as i64)?;
         }
-        qb.push(")");
-        for r in qb.build().persistent(false).fetch_all(&mut *conn).await? {
-            earlier.insert(r.try_get("event_key")?, r.try_get("deliveries")?);
+        let mut rows = stmt.raw_query();
+        while let Some(row) = rows.next()? {
+            let rowid: i64 = row.get(0)?;
+            if let Some(slot) = usize::try_from(rowid - first_event)
+                .ok()
+                .and_then(|i| inserted.get_mut(i))
+            {
+                *slot = true;
+            }
         }
+        offset += chunk.len();
     }
 
     // Deliveries, with ids from the writer's counter so the jobs are known without reading them back.
+    let mut earlier = tx.prepare_cached("SELECT deliveries FROM events WHERE event_key = ?1")?;
     let mut rows: Vec<(i64, &NewEvent, &Target)> = Vec::new();
     let mut out: Vec<Vec<PublishOutcome>> = Vec::with_capacity(ops.len());
-    let mut created: HashSet<&str> = HashSet::new();
-    for (events, lease) in ops {
-        let mut outcomes = Vec::with_capacity(events.len());
-        for ev in events.iter() {
-            let fresh = inserted.contains(&ev.event_key) && created.insert(ev.event_key.as_str());
-            if !fresh {
+    let mut i = 0;
+    for (evs, lease) in ops {
+        let mut outcomes = Vec::with_capacity(evs.len());
+        for ev in evs.iter() {
+            let targets = fan_out(i);
+            if !inserted[i] {
+                // Published before (or earlier in this group): the count its first publish created.
+                let deliveries = earlier
+                    .query_row([ev.event_key.as_str()], |r| r.get(0))
+                    .unwrap_or(targets.len() as i64);
                 outcomes.push(PublishOutcome {
                     event_key: ev.event_key.clone(),
-                    deliveries: earlier.get(&ev.event_key).copied().unwrap_or(fan_out(ev).len() as i64),
+                    deliveries,
                     duplicate: true,
                     jobs: Vec::new(),
                 });
+                i += 1;
                 continue;
             }
             let mut jobs = Vec::new();
-            for t in fan_out(ev) {
+            for t in targets {
                 let id = *next_id;
                 *next_id += 1;
                 rows.push((id, ev, t));
@@ -460,141 +595,122 @@ async fn publish_all(
             }
             outcomes.push(PublishOutcome {
                 event_key: ev.event_key.clone(),
-                deliveries: fan_out(ev).len() as i64,
+                deliveries: targets.len() as i64,
                 duplicate: false,
                 jobs,
             });
+            i += 1;
         }
         out.push(outcomes);
     }
     for chunk in chunks(&rows) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO deliveries (id, event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
-             attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) ",
-        );
-        qb.push_values(chunk, |mut b, (id, ev, t)| {
-            b.push_bind(*id)
-                .push_bind(&ev.event_key)
-                .push_bind(ev.event_name.as_str())
-                .push_bind(t.app_id)
-                .push_bind(&t.webhook_key)
-                .push_bind(&t.subscription_key)
-                .push_bind(&t.url)
-                .push("'pending'")
-                .push("0")
-                .push_bind(now)
-                .push("NULL")
-                .push("0")
-                .push_bind(now)
-                .push_bind(now);
-        });
-        qb.build().execute(&mut *conn).await?;
+        let mut stmt = tx.prepare_cached(INSERT_DELIVERIES.sql(chunk.len()))?;
+        stmt.raw_bind_parameter(1, now)?;
+        for (r, (id, ev, t)) in chunk.iter().enumerate() {
+            let p = |c| INSERT_DELIVERIES.param(r, c);
+            stmt.raw_bind_parameter(p(0), id)?;
+            stmt.raw_bind_parameter(p(1), ev.event_key.as_str())?;
+            stmt.raw_bind_parameter(p(2), ev.event_name.as_str())?;
+            stmt.raw_bind_parameter(p(3), t.app_id)?;
+            stmt.raw_bind_parameter(p(4), t.webhook_key.as_str())?;
+            stmt.raw_bind_parameter(p(5), t.subscription_key.as_str())?;
+            stmt.raw_bind_parameter(p(6), t.url.as_str())?;
+        }
+        stmt.raw_execute()?;
     }
     Ok(out)
 }
 
-/// Builds `... IN (k1, k2, ...)` over distinct keys.
-fn push_in<'a>(qb: &mut QueryBuilder<'a, Sqlite>, keys: &'a [&'a str]) {
-    qb.push(" IN (");
-    let mut list = qb.separated(", ");
-    for k in keys {
-        list.push_bind(*k);
-    }
-    qb.push(")");
-}
-
-fn distinct_subscriptions<'a>(records: &[&'a AttemptRecord], pred: impl Fn(Outcome) -> bool) -> Vec<&'a str> {
+/// The distinct subscriptions of the records whose outcome matches, as a JSON array.
+fn subscriptions_where(records: &[&AttemptRecord], pred: impl Fn(Outcome) -> bool) -> Result<Option<String>> {
     let mut keys: Vec<&str> = records
         .iter()
         .filter(|r| pred(r.outcome))
         .map(|r| r.subscription_key.as_str())
         .collect();
+    if keys.is_empty() {
+        return Ok(None);
+    }
     keys.sort_unstable();
     keys.dedup();
-    keys
+    serde_json::to_string(&keys)
+        .map(Some)
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
-async fn record_all(conn: &mut SqliteConnection, records: &[&AttemptRecord], disable_after_ms: i64) -> Result<()> {
+fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_after_ms: i64) -> Result<()> {
     let now = now_ms();
     for chunk in chunks(records) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
-             response_excerpt) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(r.delivery_id)
-                .push_bind(r.number)
-                .push_bind(&r.node)
-                .push_bind(r.started_at)
-                .push_bind(r.duration_ms)
-                .push_bind(r.status_code)
-                .push_bind(&r.error)
-                .push_bind(&r.response_excerpt);
-        });
-        qb.build().execute(&mut *conn).await?;
+        let mut stmt = tx.prepare_cached(INSERT_ATTEMPTS.sql(chunk.len()))?;
+        for (i, r) in chunk.iter().enumerate() {
+            let p = |c| INSERT_ATTEMPTS.param(i, c);
+            stmt.raw_bind_parameter(p(0), r.delivery_id)?;
+            stmt.raw_bind_parameter(p(1), r.number)?;
+            stmt.raw_bind_parameter(p(2), r.node.as_str())?;
+            stmt.raw_bind_parameter(p(3), r.started_at)?;
+            stmt.raw_bind_parameter(p(4), r.duration_ms)?;
+            stmt.raw_bind_parameter(p(5), r.status_code)?;
+            stmt.raw_bind_parameter(p(6), r.error.as_deref())?;
+            stmt.raw_bind_parameter(p(7), r.response_excerpt.as_deref())?;
+        }
+        stmt.raw_execute()?;
 
-        let mut qb = QueryBuilder::<Sqlite>::new("UPDATE deliveries SET state = v.column2, attempts = v.column3, ");
-        qb.push("next_attempt_at = v.column4, lease_owner = NULL, lease_until = 0, last_status = v.column5, ");
-        qb.push("last_error = v.column6, updated_at = ")
-            .push_bind(now)
-            .push(" FROM (");
-        qb.push_values(chunk, |mut b, r| {
+        let mut stmt = tx.prepare_cached(UPDATE_DELIVERIES.sql(chunk.len()))?;
+        stmt.raw_bind_parameter(1, now)?;
+        for (i, r) in chunk.iter().enumerate() {
+            let p = |c| UPDATE_DELIVERIES.param(i, c);
             let (state, next) = match r.outcome {
                 Outcome::Delivered => ("delivered", now),
                 Outcome::RetryAt(at) => ("pending", at),
                 Outcome::Failed | Outcome::Gone => ("failed", now),
             };
-            b.push_bind(r.delivery_id)
-                .push_bind(state)
-                .push_bind(r.number)
-                .push_bind(next)
-                .push_bind(r.status_code)
-                .push_bind(&r.error);
-        });
-        qb.push(") AS v WHERE deliveries.id = v.column1");
-        qb.build().execute(&mut *conn).await?;
+            stmt.raw_bind_parameter(p(0), r.delivery_id)?;
+            stmt.raw_bind_parameter(p(1), state)?;
+            stmt.raw_bind_parameter(p(2), r.number)?;
+            stmt.raw_bind_parameter(p(3), next)?;
+            stmt.raw_bind_parameter(p(4), r.status_code)?;
+            stmt.raw_bind_parameter(p(5), r.error.as_deref())?;
+        }
+        stmt.raw_execute()?;
     }
 
     // A subscription's failure clock: started by a failure, stopped by any success.
-    let failing = distinct_subscriptions(records, |o| matches!(o, Outcome::RetryAt(_) | Outcome::Failed));
-    let delivered = distinct_subscriptions(records, |o| o == Outcome::Delivered);
-    let gone = distinct_subscriptions(records, |o| o == Outcome::Gone);
-    if !failing.is_empty() {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new("UPDATE user_subscriptions SET failing_since = COALESCE(failing_since, ");
-        qb.push_bind(now).push(") WHERE subscription_key");
-        push_in(&mut qb, &failing);
-        qb.build().persistent(false).execute(&mut *conn).await?;
+    let failing = subscriptions_where(records, |o| matches!(o, Outcome::RetryAt(_) | Outcome::Failed))?;
+    let delivered = subscriptions_where(records, |o| o == Outcome::Delivered)?;
+    let gone = subscriptions_where(records, |o| o == Outcome::Gone)?;
+    if let Some(keys) = &failing {
+        tx.prepare_cached(
+            "UPDATE user_subscriptions SET failing_since = COALESCE(failing_since, ?1) \
+             WHERE subscription_key IN (SELECT value FROM json_each(?2))",
+        )?
+        .execute(rusqlite::params![now, keys])?;
     }
-    if !delivered.is_empty() {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "UPDATE user_subscriptions SET failing_since = NULL WHERE failing_since IS NOT NULL AND subscription_key",
-        );
-        push_in(&mut qb, &delivered);
-        qb.build().persistent(false).execute(&mut *conn).await?;
+    if let Some(keys) = &delivered {
+        tx.prepare_cached(
+            "UPDATE user_subscriptions SET failing_since = NULL \
+             WHERE failing_since IS NOT NULL AND subscription_key IN (SELECT value FROM json_each(?1))",
+        )?
+        .execute([keys])?;
     }
-    if !failing.is_empty() {
+    if let Some(keys) = &failing {
         let reason = format!(
             "every delivery failed for {} s; deactivated at {}",
             disable_after_ms / 1000,
             format_ms(now)
         );
-        let mut qb =
-            QueryBuilder::<Sqlite>::new("UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ");
-        qb.push_bind(reason)
-            .push(" WHERE state = 'ACTIVE' AND failing_since <= ")
-            .push_bind(now.saturating_sub(disable_after_ms))
-            .push(" AND subscription_key");
-        push_in(&mut qb, &failing);
-        qb.build().persistent(false).execute(&mut *conn).await?;
+        tx.prepare_cached(
+            "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
+             WHERE state = 'ACTIVE' AND failing_since <= ?2 AND subscription_key IN (SELECT value FROM json_each(?3))",
+        )?
+        .execute(rusqlite::params![reason, now.saturating_sub(disable_after_ms), keys])?;
     }
-    if !gone.is_empty() {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new("UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ");
-        qb.push_bind(format!("the callback answered 410 Gone at {}", format_ms(now)))
-            .push(" WHERE state = 'ACTIVE' AND subscription_key");
-        push_in(&mut qb, &gone);
-        qb.build().persistent(false).execute(&mut *conn).await?;
+    if let Some(keys) = &gone {
+        let reason = format!("the callback answered 410 Gone at {}", format_ms(now));
+        tx.prepare_cached(
+            "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
+             WHERE state = 'ACTIVE' AND subscription_key IN (SELECT value FROM json_each(?2))",
+        )?
+        .execute(rusqlite::params![reason, keys])?;
     }
     Ok(())
 }
@@ -691,6 +807,22 @@ mod tests {
             holdings(&held).released_while_reading.is_empty(),
             "nothing to remember without a claim"
         );
+    }
+
+    #[test]
+    fn multi_row_statements_number_their_parameters_after_the_shared_ones() {
+        let m = MultiRow::new("INSERT INTO t VALUES ", "(#, #, ?1)", " RETURNING a", 1);
+        assert_eq!(m.sql(2), "INSERT INTO t VALUES (?2, ?3, ?1), (?4, ?5, ?1) RETURNING a");
+        assert_eq!(
+            (m.param(0, 0), m.param(0, 1), m.param(1, 0), m.param(1, 1)),
+            (2, 3, 4, 5)
+        );
+        let statements = [&INSERT_EVENTS, &INSERT_DELIVERIES, &INSERT_ATTEMPTS, &UPDATE_DELIVERIES];
+        for s in statements {
+            let sql = s.sql(ROWS_PER_STATEMENT);
+            let last = s.param(ROWS_PER_STATEMENT - 1, s.per_row() - 1);
+            assert!(sql.contains(&format!("?{last}")) && !sql.contains(&format!("?{}", last + 1)));
+        }
     }
 
     #[test]
