@@ -515,17 +515,6 @@ impl Store for $store {
         })
     }
 
-    async fn next_due(&self, now: i64) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT next_attempt_at FROM deliveries WHERE state = 'pending' AND lease_until < $1 \
-             ORDER BY next_attempt_at LIMIT 1",
-        )
-        .bind(now)
-        .fetch_optional(&self.read)
-        .await?)
-    }
-
-
 $($hot)*
 }
     };

@@ -179,7 +179,8 @@ pub trait Store: Send + Sync + 'static {
     async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>>;
     /// Leases up to `limit` due deliveries to `lease.owner`.
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>>;
-    /// When the next unleased pending delivery comes due (None: nothing waits).
+    /// When the next pending delivery that no node holds (leased, or in this process's memory) comes due
+    /// (None: nothing waits).
     async fn next_due(&self, now: i64) -> Result<Option<i64>>;
     /// Records attempts and their consequences in one transaction.
     async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()>;

@@ -286,6 +286,16 @@ sql_store!(PgStore, Postgres, PgRow, {
         ask(&self.publisher, PublishOp { events, lease, reply }, rx).await
     }
 
+    async fn next_due(&self, now: i64) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT next_attempt_at FROM deliveries WHERE state = 'pending' AND lease_until < $1 \
+             ORDER BY next_attempt_at LIMIT 1",
+        )
+        .bind(now)
+        .fetch_optional(&self.read)
+        .await?)
+    }
+
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
         // One statement (atomic on its own): lease the due rows no other node has locked, and return them with
         // their bodies and keys.

@@ -750,6 +750,22 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
         Ok(jobs)
     }
 
+    async fn next_due(&self, _now: i64) -> Result<Option<i64>> {
+        // Deliveries this process holds stay pending while their attempts run: they are not waiting. (Counted,
+        // they would report work due after every recorded result, and the scheduler would claim for nothing.)
+        let holding = {
+            let h = holdings(&self.held);
+            serde_json::to_string(&h.ids).map_err(|e| Error::Internal(e.to_string()))?
+        };
+        Ok(sqlx::query_scalar(
+            "SELECT next_attempt_at FROM deliveries WHERE state = 'pending' \
+               AND id NOT IN (SELECT value FROM json_each($1)) ORDER BY next_attempt_at LIMIT 1",
+        )
+        .bind(holding)
+        .fetch_optional(&self.read)
+        .await?)
+    }
+
     async fn release_leases(&self, _owner: Option<&str>) -> Result<u64> {
         // Leases live in memory (one process per file); rows leased by older versions are cleared too.
         let n = {

@@ -201,6 +201,7 @@ async fn claims_are_exclusive_until_the_lease_expires(b: Backend) {
     let ids: std::collections::HashSet<i64> = first.iter().chain(&second).map(|j| j.id).collect();
     assert_eq!(ids.len(), 10, "no delivery handed out twice");
     assert!(s.claim_due(now, &lease("n3", 300), 100).await.unwrap().is_empty());
+    assert_eq!(s.next_due(now).await.unwrap(), None, "held deliveries are not waiting");
     if matches!(b, Backend::Postgres(_)) {
         // Shared databases: a dead node's leases expire and any node takes the deliveries.
         tokio::time::sleep(std::time::Duration::from_millis(350)).await;
