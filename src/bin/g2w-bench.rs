@@ -196,10 +196,30 @@ fn cpu_secs(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU time used so far by PostgreSQL's processes on this machine (the backends serving the server's pool
+/// live as long as their connections, so a scenario's share is the difference).
+fn postgres_cpu_secs() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(|e| cpu_secs(&e.file_name().to_string_lossy()))
+        .sum()
+}
+
 fn event(key: i64, organizer: i64) -> Value {
     json!({"eventName": "webinar.created", "webinarKey": key, "organizerKey": organizer, "webinarTitle": "Benchmark webinar",
            "experienceType": "CLASSIC", "recurrenceType": "single_session", "status": "NEW", "timeZone": "UTC",
            "times": [{"startTime": "2030-01-01T10:00:00Z", "endTime": "2030-01-01T11:00:00Z"}], "accountKey": 77})
+}
+
+/// CPU seconds used so far, read at the start of a measurement.
+#[derive(Clone, Copy)]
+struct Cpu {
+    server: f64,
+    database: f64,
 }
 
 struct Server {
@@ -211,6 +231,14 @@ struct Server {
 impl Server {
     fn cpu_secs(&self) -> f64 {
         cpu_secs(&self.child.id().to_string())
+    }
+
+    /// CPU used so far by the server and by PostgreSQL.
+    fn cpu(&self) -> Cpu {
+        Cpu {
+            server: self.cpu_secs(),
+            database: postgres_cpu_secs(),
+        }
     }
 
     fn peak_rss_mib(&self) -> f64 {
@@ -298,10 +326,14 @@ impl Bench {
         }
     }
 
-    /// The server's CPU time per delivery since `from` (seconds of CPU, as `Server::cpu_secs` read it).
-    fn record_cpu(&mut self, backend: &str, scenario: &str, server: &Server, from: f64, deliveries: u64) {
-        let per = (server.cpu_secs() - from) / deliveries as f64 * 1e6;
+    /// The server's (and PostgreSQL's) CPU time per delivery since `from`.
+    fn record_cpu(&mut self, backend: &str, scenario: &str, server: &Server, from: Cpu, deliveries: u64) {
+        let per = (server.cpu_secs() - from.server) / deliveries as f64 * 1e6;
         self.record(backend, scenario, "server CPU per delivery", per, "us", false);
+        if backend == "postgres" {
+            let per = (postgres_cpu_secs() - from.database) / deliveries as f64 * 1e6;
+            self.record(backend, scenario, "PostgreSQL CPU per delivery", per, "us", false);
+        }
     }
 
     /// A fresh database: a file in `dir`, or a new PostgreSQL schema (named in the second value).
@@ -509,7 +541,7 @@ impl Bench {
                 let (server, _) = self.start_server(&db, &[]).await?;
                 self.subscribe(&server, &db, &url, 1).await?;
                 let server = Arc::new(server);
-                let cpu = server.cpu_secs();
+                let cpu = server.cpu();
                 let start = Instant::now();
                 let publish = self.publish_batched(&server, events, batch, pubs).await?;
                 self.wait_for(&seen, events, max_wait).await?;
@@ -542,7 +574,7 @@ impl Bench {
                 let server = Arc::new(server);
                 seen.record_arrivals.store(false, Ordering::Relaxed);
                 let total = a.fanout_events * a.fanout_subs;
-                let cpu = server.cpu_secs();
+                let cpu = server.cpu();
                 let start = Instant::now();
                 self.publish_batched(&server, a.fanout_events, 100, pubs).await?;
                 self.wait_for(&seen, total, max_wait).await?;
@@ -622,7 +654,7 @@ impl Bench {
                 self.publish_batched(&server, a.backlog, batch, pubs).await?;
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
                 let (server, startup) = self.start_server(&db, &[]).await?;
-                let cpu = server.cpu_secs();
+                let cpu = server.cpu();
                 let start = Instant::now();
                 self.record(
                     backend,
@@ -658,7 +690,7 @@ impl Bench {
                 self.subscribe(&server, &db, &url, 1).await?;
                 let server = Arc::new(server);
                 let n = a.single_events;
-                let cpu = server.cpu_secs();
+                let cpu = server.cpu();
                 let start = Instant::now();
                 self.publish_batched(&server, n, 1, a.publishers).await?;
                 self.wait_for(&seen, n, max_wait).await?;

@@ -130,7 +130,8 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
            JOIN user_subscriptions s ON s.organizer_key = f.o AND s.state = 'ACTIVE' \
            JOIN webhooks w ON w.webhook_key = s.webhook_key AND w.event_name = f.n AND w.state = 'ACTIVE'), \
          counted AS ( \
-           SELECT f.k, f.o, f.n, f.b, (SELECT count(*) FROM targets t WHERE t.k = f.k) AS c FROM firsts f), \
+           SELECT f.k, f.o, f.n, f.b, COALESCE(tc.c, 0) AS c FROM firsts f \
+           LEFT JOIN (SELECT k, count(*) AS c FROM targets GROUP BY k) tc ON tc.k = f.k), \
          ev AS ( \
            INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
            SELECT k, o, n, b, c, $5 FROM counted ON CONFLICT (event_key) DO NOTHING RETURNING event_key), \
@@ -146,7 +147,7 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
          UNION ALL SELECT 2, 0, ev.event_key, NULL, 0, NULL, NULL, 0 FROM ev \
          UNION ALL SELECT 3, 0, c.k, NULL, 0, NULL, NULL, COALESCE(e.deliveries, c.c) \
            FROM counted c LEFT JOIN events e ON e.event_key = c.k \
-           WHERE c.k NOT IN (SELECT event_key FROM ev)",
+           WHERE NOT EXISTS (SELECT 1 FROM ev WHERE ev.event_key = c.k)",
     )
     .bind(&keys)
     .bind(&orgs)
