@@ -140,7 +140,13 @@ impl SqliteStore {
         let (writer, rx) = mpsc::channel(4096);
         let held: Held = Arc::default();
         let gate = Gate::default();
-        tokio::spawn(run_writer(hot, rx, held.clone(), gate.clone()));
+        {
+            let (held, gate) = (held.clone(), gate.clone());
+            std::thread::Builder::new()
+                .name("sqlite-writer".into())
+                .spawn(move || run_writer(hot, rx, held, gate))
+                .map_err(|e| Error::Internal(format!("starting the database writer: {e}")))?;
+        }
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(opts.clone())
@@ -199,41 +205,30 @@ impl Hot {
     }
 }
 
-/// The group-commit writer: drains every waiting operation, applies them together with set-based statements in
-/// one transaction, commits once (one fsync for all), then answers each. Inputs are validated before they get
-/// here, so a failure is the database's and fails the whole group, which then retries or reports it.
-async fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate) {
+/// The group-commit writer, on its own thread: drains every waiting operation, applies them together with
+/// set-based statements in one transaction, commits once (one fsync for all), then answers each. Inputs are
+/// validated before they get here, so a failure is the database's and fails the whole group, which then
+/// retries or reports it. (A thread of its own, rather than a task handing each group to the blocking pool,
+/// saves two thread wake-ups per group: one-event publishes make many small groups.)
+fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut ops: Vec<WriteOp> = std::mem::take(&mut batch);
-        let pause = gate.lock().await;
+    while rx.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
+        let ops: Vec<WriteOp> = std::mem::take(&mut batch);
+        let pause = gate.blocking_lock();
         let mut attempt = 0;
         let result = loop {
-            let h = held.clone();
-            let (back, back_ops, result) = match tokio::task::spawn_blocking(move || {
-                let result = apply_batch(&mut hot, &ops, &h);
-                (hot, ops, result)
-            })
-            .await
-            {
-                Ok(done) => done,
-                Err(e) => {
-                    // The group's thread panicked: the connection went with it, and nothing more can be written.
-                    tracing::error!(error = %e, "the database writer stopped");
-                    return;
-                }
-            };
-            (hot, ops) = (back, back_ops);
+            let result = apply_batch(&mut hot, &ops, &held);
             attempt += 1;
             match &result {
                 // SQLITE_BUSY past the busy timeout (another process, such as a CLI command, holds the lock).
-                Err(e) if attempt < 20 && e.is_busy() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) if attempt < 20 && e.is_busy() => std::thread::sleep(Duration::from_millis(50)),
                 _ => break result,
             }
         };
         drop(pause);
         match result {
-            Ok(mut published) => {
+            Ok(published) => {
+                let mut published = published.into_iter();
                 // Recorded deliveries are committed in their new state: they may be claimed again when due.
                 let mut h = holdings(&held);
                 for op in &ops {
@@ -247,7 +242,7 @@ async fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, g
                 for op in ops {
                     match op {
                         WriteOp::Publish { reply, .. } => {
-                            let _ = reply.send(Ok(published.remove(0)));
+                            let _ = reply.send(Ok(published.next().unwrap_or_default()));
                         }
                         WriteOp::Record { reply, .. } => {
                             let _ = reply.send(Ok(()));
