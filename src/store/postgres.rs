@@ -342,6 +342,9 @@ sql_store!(PgStore, Postgres, PgRow, {
                lease_owner = NULL, lease_until = 0, last_status = u.status, last_error = u.error, updated_at = $11 \
              FROM u WHERE d.id = u.id",
         )
+        // Planned on every execution: a plan kept from when the table was small (a fresh database) joins by
+        // scanning every delivery, and a kept plan is only replaced once autovacuum analyzes the table.
+        .persistent(false)
         .bind(&ids)
         .bind(&numbers)
         .bind(&nodes)
