@@ -129,3 +129,23 @@ impl IntoResponse for Error {
         (status, axum::Json(body)).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_database_is_unavailable_and_retried_not_an_internal_error() {
+        // SQLITE_BUSY (5) from the hot-path connection: the writer retries it, and a group that still fails
+        // answers 503 with a retryable message rather than a 500.
+        let busy = Error::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(5), None));
+        assert!(busy.is_busy());
+        assert_eq!(busy.parts().0, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(matches!(busy.for_each_of_a_group(), Error::Unavailable(_)));
+
+        let constraint = Error::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(19), None));
+        assert!(!constraint.is_busy());
+        assert_eq!(constraint.parts().0, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(matches!(constraint.for_each_of_a_group(), Error::Internal(_)));
+    }
+}
