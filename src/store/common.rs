@@ -121,11 +121,6 @@ fn jobs_from_rows(rows: &[$row], lease_until: i64) -> Result<Vec<DeliveryJob>> {
 
 #[async_trait]
 impl Store for $store {
-    async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.read).await?;
-        Ok(())
-    }
-
     async fn ensure_app(&self, name: &str) -> Result<i64> {
         sqlx::query("INSERT INTO applications (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
             .bind(name)

@@ -256,6 +256,14 @@ sql_store!(PgStore, Postgres, PgRow, {
         ask(&self.publisher, PublishOp { events, lease, reply }, rx).await
     }
 
+    async fn ping(&self) -> Result<()> {
+        if self.publisher.is_closed() {
+            return Err(Error::Unavailable("the publish committers have stopped".into()));
+        }
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
     async fn next_due(&self, now: i64) -> Result<Option<i64>> {
         Ok(sqlx::query_scalar(
             "SELECT next_attempt_at FROM deliveries WHERE state = 'pending' AND lease_until < $1 \

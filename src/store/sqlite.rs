@@ -711,6 +711,14 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
 }
 
 sql_store!(SqliteStore, Sqlite, SqliteRow, {
+    async fn ping(&self) -> Result<()> {
+        if self.writer.is_closed() {
+            return Err(Error::Unavailable("the database writer has stopped".into()));
+        }
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
     async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
         let (reply, rx) = oneshot::channel();
         ask(&self.writer, WriteOp::Publish { events, lease, reply }, rx).await
@@ -834,6 +842,38 @@ mod tests {
             let last = s.param(ROWS_PER_STATEMENT - 1, s.per_row() - 1);
             assert!(sql.contains(&format!("?{last}")) && !sql.contains(&format!("?{}", last + 1)));
         }
+    }
+
+    #[tokio::test]
+    async fn the_hot_path_connection_commits_durably() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let _store = SqliteStore::open(&format!("sqlite://{}", path.display()), 1, "full")
+            .await
+            .expect("open");
+        let hot = Hot::open(&path, SqliteSynchronous::Full).expect("hot connection");
+        let pragma = |name: &str| -> String {
+            hot.conn
+                .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, rusqlite::types::Value>(0))
+                .map(|v| format!("{v:?}"))
+                .expect("pragma")
+        };
+        assert_eq!(pragma("journal_mode"), r#"Text("wal")"#);
+        assert_eq!(pragma("synchronous"), "Integer(2)", "FULL: acknowledged means on disk");
+        assert_eq!(pragma("foreign_keys"), "Integer(1)");
+        assert_eq!(
+            pragma("wal_autocheckpoint"),
+            "Integer(0)",
+            "checkpoints run beside the writer"
+        );
+        assert_eq!((hot.next_id, hot.next_event), (1, 1));
+        // The setting comes from the configured mode, not from SQLite's default.
+        let normal = Hot::open(&path, SqliteSynchronous::Normal).expect("hot connection");
+        let sync: i64 = normal
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(sync, 1);
     }
 
     #[test]
