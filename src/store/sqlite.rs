@@ -38,6 +38,11 @@ struct Holdings {
 }
 
 impl Holdings {
+    /// The ids held, as a JSON array for `json_each`.
+    fn ids_json(&self) -> Result<String> {
+        serde_json::to_string(&self.ids).map_err(|e| Error::Internal(e.to_string()))
+    }
+
     fn release(&mut self, id: i64) {
         self.ids.remove(&id);
         if self.claims_reading > 0 {
@@ -53,7 +58,7 @@ impl<'a> ClaimRead<'a> {
     /// Starts a read; returns the ids held now, as a JSON array.
     fn start(held: &'a Held) -> Result<(Self, String)> {
         let mut h = holdings(held);
-        let ids = serde_json::to_string(&h.ids).map_err(|e| Error::Internal(e.to_string()))?;
+        let ids = h.ids_json()?;
         h.claims_reading += 1;
         Ok((Self(held), ids))
     }
@@ -109,7 +114,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let path = opts.get_filename().to_path_buf();
-        if path.as_os_str().is_empty() || path.to_string_lossy().contains(":memory:") {
+        if url.contains(":memory:") || url.contains("mode=memory") || path.as_os_str().is_empty() {
             return Err(Error::bad_request(
                 "an in-memory SQLite database cannot be shared by the service's connections: use sqlite://FILE",
             ));
@@ -162,8 +167,8 @@ impl SqliteStore {
 }
 
 /// The connection that carries the delivery hot path (publishes and attempt results), owned by the writer.
-/// rusqlite drives it on a blocking thread: a group commit is one hop off the async runtime, its statements are
-/// prepared once and bound in place, and RETURNING rows are read where they are produced. (Through sqlx's
+/// rusqlite drives it on the writer's own thread: a group commit is one hand-off from the async runtime, its
+/// statements are prepared once and bound in place, and RETURNING rows are read where they are produced. (Through sqlx's
 /// connection worker each statement was a round trip between threads, with every bound value copied first.)
 struct Hot {
     conn: rusqlite::Connection,
@@ -331,22 +336,26 @@ struct MultiRow {
     row: &'static str,
     tail: &'static str,
     shared: usize,
+    /// Parameters per row: the `#`s of `row`, counted once (`param` runs for every bound value).
+    per_row: usize,
     texts: [std::sync::OnceLock<String>; 9],
 }
 
 impl MultiRow {
     const fn new(head: &'static str, row: &'static str, tail: &'static str, shared: usize) -> Self {
+        let (bytes, mut i, mut per_row) = (row.as_bytes(), 0, 0);
+        while i < bytes.len() {
+            per_row += (bytes[i] == b'#') as usize;
+            i += 1;
+        }
         Self {
             head,
             row,
             tail,
             shared,
+            per_row,
             texts: [const { std::sync::OnceLock::new() }; 9],
         }
-    }
-
-    fn per_row(&self) -> usize {
-        self.row.matches('#').count()
     }
 
     /// The text for `rows` rows (a power of two up to `ROWS_PER_STATEMENT`).
@@ -376,7 +385,7 @@ impl MultiRow {
 
     /// The 1-based index of parameter `col` of row `row`.
     fn param(&self, row: usize, col: usize) -> usize {
-        self.shared + row * self.per_row() + col + 1
+        self.shared + row * self.per_row + col + 1
     }
 }
 
@@ -756,10 +765,7 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
     async fn next_due(&self, _now: i64) -> Result<Option<i64>> {
         // Deliveries this process holds stay pending while their attempts run: they are not waiting. (Counted,
         // they would report work due after every recorded result, and the scheduler would claim for nothing.)
-        let holding = {
-            let h = holdings(&self.held);
-            serde_json::to_string(&h.ids).map_err(|e| Error::Internal(e.to_string()))?
-        };
+        let holding = holdings(&self.held).ids_json()?;
         Ok(sqlx::query_scalar(
             "SELECT next_attempt_at FROM deliveries WHERE state = 'pending' \
                AND id NOT IN (SELECT value FROM json_each($1)) ORDER BY next_attempt_at LIMIT 1",
@@ -839,8 +845,19 @@ mod tests {
         let statements = [&INSERT_EVENTS, &INSERT_DELIVERIES, &INSERT_ATTEMPTS, &UPDATE_DELIVERIES];
         for s in statements {
             let sql = s.sql(ROWS_PER_STATEMENT);
-            let last = s.param(ROWS_PER_STATEMENT - 1, s.per_row() - 1);
+            let last = s.param(ROWS_PER_STATEMENT - 1, s.per_row - 1);
             assert!(sql.contains(&format!("?{last}")) && !sql.contains(&format!("?{}", last + 1)));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_is_refused_with_a_clear_error() {
+        for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://x.db?mode=memory"] {
+            match SqliteStore::open(url, 1, "full").await {
+                Err(Error::BadRequest(msg)) => assert!(msg.contains("use sqlite://FILE"), "{msg}"),
+                Err(e) => panic!("{url}: {e}"),
+                Ok(_) => panic!("{url} was accepted"),
+            }
         }
     }
 
