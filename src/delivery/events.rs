@@ -53,7 +53,7 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<NewEvent>> {
     let many = raws.len() > 1 || first == Some(&b'[');
     raws.iter()
         .enumerate()
-        .map(|(i, raw)| parse_event(raw, if many { format!("[{i}].") } else { String::new() }))
+        .map(|(i, raw)| parse_event(raw, many.then_some(i)))
         .collect()
 }
 
@@ -115,8 +115,12 @@ fn as_string(raw: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str(raw.get()).ok()
 }
 
-fn parse_event(raw: &RawValue, at: String) -> Result<NewEvent> {
-    let bad = |msg: String| Error::bad_request(format!("{at}{msg}"));
+/// Validates one event; `index` is its place in an array, named in errors.
+fn parse_event(raw: &RawValue, index: Option<usize>) -> Result<NewEvent> {
+    let bad = |msg: String| match index {
+        Some(i) => Error::bad_request(format!("[{i}].{msg}")),
+        None => Error::bad_request(msg),
+    };
     let text = raw.get();
     let fields: Fields = serde_json::from_str(text).map_err(|e| {
         if text.starts_with('{') {
@@ -180,31 +184,37 @@ fn parse_event(raw: &RawValue, at: String) -> Result<NewEvent> {
         .and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
         .ok_or_else(|| bad(format!("{}: missing field", name.organizer_field())))?;
 
-    let mut prefix = String::new();
+    // The body as sent, with the missing service fields first: written once into a buffer of its final size.
+    let mut body = String::with_capacity(text.len() + 160);
+    body.push('{');
     let event_key = match event_key {
         Some(k) => k.into_owned(),
         None => {
             // Time-ordered (UUID version 7), so the events index grows at its end instead of at random pages.
             let k = uuid::Uuid::now_v7().to_string();
-            prefix.push_str(&format!("\"eventKey\":\"{k}\","));
+            body.push_str("\"eventKey\":\"");
+            body.push_str(&k);
+            body.push_str("\",");
             k
         }
     };
     if timestamp.is_none() {
-        prefix.push_str(&format!("\"timestamp\":\"{}\",", format_ms(now_ms())));
+        body.push_str("\"timestamp\":\"");
+        body.push_str(&format_ms(now_ms()));
+        body.push_str("\",");
     }
     if event_version.is_none() {
-        prefix.push_str("\"eventVersion\":\"1.0.0\",");
+        body.push_str("\"eventVersion\":\"1.0.0\",");
     }
     if fields.product.0.is_none() {
-        prefix.push_str("\"product\":\"g2w\",");
+        body.push_str("\"product\":\"g2w\",");
     }
-    let body = if prefix.is_empty() {
+    let body = if body.len() == 1 {
         Bytes::copy_from_slice(text.as_bytes())
     } else {
         // The object is non-empty (it has eventName), so inserting after `{` keeps it valid.
-        let rest = text.trim_start().strip_prefix('{').unwrap_or(text);
-        Bytes::from(format!("{{{prefix}{rest}"))
+        body.push_str(text.trim_start().strip_prefix('{').unwrap_or(text));
+        Bytes::from(body)
     };
     Ok(NewEvent {
         event_key,

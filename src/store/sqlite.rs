@@ -192,14 +192,20 @@ impl Hot {
             SqliteSynchronous::Extra => "EXTRA",
         };
         // An 8 MB page cache holds the B-tree pages a group commit touches, so large groups neither spill to
-        // the WAL mid-transaction nor re-read pages. The statement cache holds the few shapes of multi-row
+        // the WAL mid-transaction nor re-read pages. The statement cache holds the shapes of multi-row
         // statements `chunks` makes.
+        // Foreign keys are not checked here (as the PostgreSQL schema has no foreign-key triggers on these
+        // tables): the hot path keeps its references by construction (deliveries only for events inserted in
+        // the same group, attempts only for deliveries this node holds; neither is ever deleted). Without
+        // them, and with OR FAIL on its statements (any failure rolls the whole group back anyway), a
+        // multi-row statement needs no statement journal: SQLite would otherwise copy every page it touches
+        // to be able to undo that one statement.
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = OFF; \
              PRAGMA cache_size = -8000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0; \
              PRAGMA journal_size_limit = 67108864;"
         ))?;
-        conn.set_prepared_statement_cache_capacity(64);
+        conn.set_prepared_statement_cache_capacity(4 * SHAPES + 16);
         let next_id = conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries", [], |r| r.get(0))?;
         let next_event = conn.query_row("SELECT COALESCE(MAX(rowid), 0) + 1 FROM events", [], |r| r.get(0))?;
         Ok(Self {
@@ -311,17 +317,26 @@ async fn passive_checkpoint(pool: &SqlitePool) -> std::result::Result<i64, sqlx:
 
 /// Most rows per multi-row statement (at most 8 parameters each, far under SQLite's limit of 32,766).
 const ROWS_PER_STATEMENT: usize = 256;
+/// Up to this many rows go in one statement of exactly that many rows.
+const EXACT_ROWS: usize = 32;
+/// Statement shapes per table: 1 to `EXACT_ROWS` rows, then the powers of two up to `ROWS_PER_STATEMENT`.
+const SHAPES: usize = EXACT_ROWS + (ROWS_PER_STATEMENT.ilog2() - EXACT_ROWS.ilog2()) as usize;
 
-/// Splits rows into chunks whose lengths are powers of two, largest first, so a multi-row statement comes in at
-/// most nine shapes per table: each is prepared once and stays in the statement cache, where one statement
-/// per row count (as a plain split gives) would either be prepared again for every group or fill the cache
-/// with hundreds of large compiled programs.
+/// Splits rows into chunks of at most 35 lengths per table, so each shape of a multi-row statement is prepared
+/// once and stays in the statement cache (one statement per row count, as a plain split gives, would either be
+/// prepared again for every group or fill the cache with hundreds of large compiled programs). Groups of up
+/// to `EXACT_ROWS` rows, which is what one-event publishes make, take one statement; larger groups take
+/// power-of-two chunks, largest first, and the rest.
 fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
         if rows.is_empty() {
             return None;
         }
-        let n = ROWS_PER_STATEMENT.min(1 << rows.len().ilog2());
+        let n = if rows.len() <= EXACT_ROWS {
+            rows.len()
+        } else {
+            ROWS_PER_STATEMENT.min(1 << rows.len().ilog2())
+        };
         let (chunk, rest) = rows.split_at(n);
         rows = rest;
         Some(chunk)
@@ -329,8 +344,8 @@ fn chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
 }
 
 /// A multi-row statement: `head`, then `rows` copies of `row` (each `#` in it is the row's next parameter,
-/// numbered after the `shared` parameters every row may refer to as ?1..), then `tail`. The texts of the nine
-/// chunk shapes are built once.
+/// numbered after the `shared` parameters every row may refer to as ?1..), then `tail`. The text of each chunk
+/// shape is built once.
 struct MultiRow {
     head: &'static str,
     row: &'static str,
@@ -338,7 +353,7 @@ struct MultiRow {
     shared: usize,
     /// Parameters per row: the `#`s of `row`, counted once (`param` runs for every bound value).
     per_row: usize,
-    texts: [std::sync::OnceLock<String>; 9],
+    texts: [std::sync::OnceLock<String>; SHAPES],
 }
 
 impl MultiRow {
@@ -354,13 +369,18 @@ impl MultiRow {
             tail,
             shared,
             per_row,
-            texts: [const { std::sync::OnceLock::new() }; 9],
+            texts: [const { std::sync::OnceLock::new() }; SHAPES],
         }
     }
 
-    /// The text for `rows` rows (a power of two up to `ROWS_PER_STATEMENT`).
+    /// The text for `rows` rows (a length `chunks` makes).
     fn sql(&self, rows: usize) -> &str {
-        self.texts[rows.ilog2() as usize].get_or_init(|| {
+        let shape = if rows <= EXACT_ROWS {
+            rows - 1
+        } else {
+            EXACT_ROWS - 1 + (rows.ilog2() - EXACT_ROWS.ilog2()) as usize
+        };
+        self.texts[shape].get_or_init(|| {
             let mut sql = String::from(self.head);
             let mut next = self.shared + 1;
             for r in 0..rows {
@@ -390,14 +410,14 @@ impl MultiRow {
 }
 
 static INSERT_EVENTS: MultiRow = MultiRow::new(
-    "INSERT INTO events (rowid, event_key, organizer_key, event_name, body, deliveries, created_at) VALUES ",
+    "INSERT OR FAIL INTO events (rowid, event_key, organizer_key, event_name, body, deliveries, created_at) VALUES ",
     "(#, #, #, #, #, #, ?1)",
     " ON CONFLICT (event_key) DO NOTHING RETURNING rowid",
     1,
 );
 
 static INSERT_DELIVERIES: MultiRow = MultiRow::new(
-    "INSERT INTO deliveries (id, event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+    "INSERT OR FAIL INTO deliveries (id, event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
      attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) VALUES ",
     "(#, #, #, #, #, #, #, 'pending', 0, ?1, NULL, 0, ?1, ?1)",
     "",
@@ -405,7 +425,7 @@ static INSERT_DELIVERIES: MultiRow = MultiRow::new(
 );
 
 static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
-    "INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
+    "INSERT OR FAIL INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
      response_excerpt) VALUES ",
     "(#, #, #, #, #, #, #, #)",
     "",
@@ -413,7 +433,7 @@ static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
 );
 
 static UPDATE_DELIVERIES: MultiRow = MultiRow::new(
-    "UPDATE deliveries SET state = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
+    "UPDATE OR FAIL deliveries SET state = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
      lease_owner = NULL, lease_until = 0, last_status = v.column5, last_error = v.column6, updated_at = ?1 \
      FROM (VALUES ",
     "(#, #, #, #, #, #)",
@@ -684,14 +704,14 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
     let gone = subscriptions_where(records, |o| o == Outcome::Gone)?;
     if let Some(keys) = &failing {
         tx.prepare_cached(
-            "UPDATE user_subscriptions SET failing_since = COALESCE(failing_since, ?1) \
+            "UPDATE OR FAIL user_subscriptions SET failing_since = COALESCE(failing_since, ?1) \
              WHERE subscription_key IN (SELECT value FROM json_each(?2))",
         )?
         .execute(rusqlite::params![now, keys])?;
     }
     if let Some(keys) = &delivered {
         tx.prepare_cached(
-            "UPDATE user_subscriptions SET failing_since = NULL \
+            "UPDATE OR FAIL user_subscriptions SET failing_since = NULL \
              WHERE failing_since IS NOT NULL AND subscription_key IN (SELECT value FROM json_each(?1))",
         )?
         .execute([keys])?;
@@ -703,7 +723,7 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
             format_ms(now)
         );
         tx.prepare_cached(
-            "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
+            "UPDATE OR FAIL user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
              WHERE state = 'ACTIVE' AND failing_since <= ?2 AND subscription_key IN (SELECT value FROM json_each(?3))",
         )?
         .execute(rusqlite::params![reason, now.saturating_sub(disable_after_ms), keys])?;
@@ -711,7 +731,7 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
     if let Some(keys) = &gone {
         let reason = format!("the callback answered 410 Gone at {}", format_ms(now));
         tx.prepare_cached(
-            "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
+            "UPDATE OR FAIL user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
              WHERE state = 'ACTIVE' AND subscription_key IN (SELECT value FROM json_each(?2))",
         )?
         .execute(rusqlite::params![reason, keys])?;
@@ -877,7 +897,11 @@ mod tests {
         };
         assert_eq!(pragma("journal_mode"), r#"Text("wal")"#);
         assert_eq!(pragma("synchronous"), "Integer(2)", "FULL: acknowledged means on disk");
-        assert_eq!(pragma("foreign_keys"), "Integer(1)");
+        assert_eq!(
+            pragma("foreign_keys"),
+            "Integer(0)",
+            "the hot path keeps its references by construction"
+        );
         assert_eq!(
             pragma("wal_autocheckpoint"),
             "Integer(0)",
@@ -894,14 +918,23 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_powers_of_two_and_cover_every_row() {
-        for n in [0usize, 1, 2, 3, 7, 255, 256, 257, 1000, 4097] {
+    fn chunks_come_in_few_shapes_and_cover_every_row() {
+        let mut shapes = std::collections::BTreeSet::new();
+        for n in 0usize..3000 {
             let rows: Vec<usize> = (0..n).collect();
             let parts: Vec<&[usize]> = chunks(&rows).collect();
-            assert!(parts
-                .iter()
-                .all(|c| c.len().is_power_of_two() && c.len() <= ROWS_PER_STATEMENT));
             assert_eq!(parts.concat(), rows, "{n} rows");
+            if (1..=EXACT_ROWS).contains(&n) {
+                assert_eq!(parts.len(), 1, "{n} rows take one statement");
+            }
+            for c in &parts {
+                assert!(c.len() <= EXACT_ROWS || c.len().is_power_of_two(), "{n}: {}", c.len());
+                assert!(c.len() <= ROWS_PER_STATEMENT);
+                // Every shape has a text slot of its own.
+                assert!(INSERT_ATTEMPTS.sql(c.len()).matches("(?").count() == c.len());
+                shapes.insert(c.len());
+            }
         }
+        assert_eq!(shapes.len(), SHAPES);
     }
 }
