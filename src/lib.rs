@@ -132,7 +132,7 @@ pub async fn run(
         lease: args.lease,
         poll_interval: args.poll_interval,
         shutdown_grace: args.shutdown_grace,
-        client: callback::client(policy, args.attempt_timeout, args.max_in_flight.max(1)),
+        client: callback::DeliveryClient::new(policy, args.attempt_timeout, args.max_in_flight.max(1)),
     };
     let metrics = Arc::new(metrics::Metrics::default());
     let (engine, rx) = Engine::new(store.clone(), settings, metrics);

@@ -2,10 +2,11 @@
 
 use std::time::{Duration, Instant};
 
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Uri};
 use rand::Rng;
-use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 
-use crate::callback::root_cause;
+use crate::callback::{DeliveryClient, SendError};
 use crate::domain::{format_ms, now_ms};
 use crate::signing;
 use crate::store::{AttemptRecord, DeliveryJob, Outcome};
@@ -55,39 +56,53 @@ pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 pub struct Attempt<'a> {
-    pub client: &'a reqwest::Client,
+    pub client: &'a DeliveryClient,
     pub policy: &'a RetryPolicy,
     pub node: &'a str,
     pub standard_webhooks: bool,
 }
 
+const SIGNATURE_TIMESTAMP: HeaderName = HeaderName::from_static("x-webhook-signature-timestamp");
+const SIGNATURE: HeaderName = HeaderName::from_static("x-webhook-signature");
+const STANDARD_ID: HeaderName = HeaderName::from_static("webhook-id");
+const STANDARD_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const STANDARD_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// A header value from text the service made or the publisher sent; the error names the header.
+fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, SendError> {
+    HeaderValue::from_str(text).map_err(|_| SendError::Other(format!("{name} cannot carry {text:?}")))
+}
+
 impl Attempt<'_> {
-    /// Sends the delivery and returns the attempt's record. `url` is `job.url` already parsed, when it parses.
-    pub async fn run(&self, job: &DeliveryJob, key: Option<&str>, url: Option<reqwest::Url>) -> AttemptRecord {
-        let started_at = now_ms();
+    /// The delivery's headers: content type and the signatures.
+    fn headers(&self, job: &DeliveryJob, key: Option<&str>, started_at: i64) -> Result<HeaderMap, SendError> {
         let timestamp = format_ms(started_at);
-        let req = match url {
-            Some(url) => self.client.post(url),
-            None => self.client.post(&job.url),
-        };
-        let mut req = req
-            .header(CONTENT_TYPE, "application/json")
-            .header("X-Webhook-Signature-Timestamp", &timestamp);
+        let mut headers = HeaderMap::with_capacity(8);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(SIGNATURE_TIMESTAMP, value(&SIGNATURE_TIMESTAMP, &timestamp)?);
         if let Some(key) = key {
-            req = req.header("X-Webhook-Signature", signing::sign(key, &timestamp, &job.body));
+            let signature = signing::sign(key, &timestamp, &job.body);
+            headers.insert(SIGNATURE, value(&SIGNATURE, &signature)?);
             if self.standard_webhooks {
                 let secs = started_at / 1000;
-                req = req
-                    .header("webhook-id", &job.event_key)
-                    .header("webhook-timestamp", secs.to_string())
-                    .header(
-                        "webhook-signature",
-                        signing::sign_standard(key, &job.event_key, secs, &job.body),
-                    );
+                headers.insert(STANDARD_ID, value(&STANDARD_ID, &job.event_key)?);
+                headers.insert(STANDARD_TIMESTAMP, HeaderValue::from(secs));
+                let signature = signing::sign_standard(key, &job.event_key, secs, &job.body);
+                headers.insert(STANDARD_SIGNATURE, value(&STANDARD_SIGNATURE, &signature)?);
             }
         }
+        Ok(headers)
+    }
+
+    /// Sends the delivery and returns the attempt's record. `url` is `job.url` already parsed, when it parses.
+    pub async fn run(&self, job: &DeliveryJob, key: Option<&str>, url: Option<Uri>) -> AttemptRecord {
+        let started_at = now_ms();
         let clock = Instant::now();
-        let result = req.body(job.body.clone()).send().await;
+        let url = url.ok_or_else(|| SendError::Other(format!("{} is not a valid URL", job.url)));
+        let result = match (url, self.headers(job, key, started_at)) {
+            (Ok(url), Ok(headers)) => self.client.post(url, headers, job.body.clone(), EXCERPT).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
         let number = job.attempts + 1;
         let mut record = AttemptRecord {
             delivery_id: job.id,
@@ -102,40 +117,23 @@ impl Attempt<'_> {
             outcome: Outcome::Failed,
         };
         match result {
-            Ok(mut res) => {
-                let status = res.status();
-                let retry_after = parse_retry_after(res.headers());
-                let mut excerpt = Vec::new();
-                // Read at most the excerpt; a body cut short by the timeout does not change the outcome.
-                while excerpt.len() < EXCERPT {
-                    match res.chunk().await {
-                        Ok(Some(chunk)) => {
-                            excerpt.extend_from_slice(&chunk[..chunk.len().min(EXCERPT - excerpt.len())])
-                        }
-                        _ => break,
-                    }
-                }
+            Ok(answer) => {
+                let status = answer.status;
                 record.status_code = Some(i64::from(status.as_u16()));
-                if !excerpt.is_empty() {
-                    record.response_excerpt = Some(String::from_utf8_lossy(&excerpt).into_owned());
+                if !answer.excerpt.is_empty() {
+                    record.response_excerpt = Some(String::from_utf8_lossy(&answer.excerpt).into_owned());
                 }
                 record.outcome = if status.is_success() {
                     Outcome::Delivered
                 } else {
                     record.error = Some(format!("HTTP {}", status.as_u16()));
+                    let retry_after = parse_retry_after(&answer.headers);
                     self.policy
                         .after_failure(number, Some(status.as_u16()), retry_after, now_ms())
                 };
             }
             Err(e) => {
-                let what = if e.is_timeout() {
-                    "timed out".to_string()
-                } else if e.is_connect() {
-                    format!("connection failed: {}", root_cause(&e))
-                } else {
-                    root_cause(&e)
-                };
-                record.error = Some(what);
+                record.error = Some(e.to_string());
                 record.outcome = self.policy.after_failure(number, None, None, now_ms());
             }
         }

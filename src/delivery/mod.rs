@@ -41,7 +41,7 @@ pub struct Settings {
     pub lease: Duration,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
-    pub client: reqwest::Client,
+    pub client: crate::callback::DeliveryClient,
 }
 
 pub struct Engine {
@@ -56,7 +56,7 @@ pub struct Engine {
     wake: Notify,
     keys: Mutex<HashMap<i64, CachedKeys>>,
     /// Callback URLs as parsed: a subscription's URL is parsed once, not on every attempt.
-    urls: Mutex<HashMap<String, reqwest::Url>>,
+    urls: Mutex<HashMap<String, http::Uri>>,
 }
 
 /// Most parsed callback URLs kept; past it the cache starts over.
@@ -143,12 +143,13 @@ impl Engine {
         }
     }
 
-    fn parsed_url(&self, url: &str) -> Option<reqwest::Url> {
+    /// The callback URL as a request target: parsed by the URL standard (as it was checked), then as a URI.
+    fn parsed_url(&self, url: &str) -> Option<http::Uri> {
         let mut urls = self.urls.lock().ok()?;
         if let Some(u) = urls.get(url) {
             return Some(u.clone());
         }
-        let parsed = reqwest::Url::parse(url).ok()?;
+        let parsed = http::Uri::try_from(url::Url::parse(url).ok()?.as_str()).ok()?;
         if urls.len() >= URL_CACHE {
             urls.clear();
         }
