@@ -226,6 +226,8 @@ fn event(key: i64, organizer: i64) -> String {
 struct Cpu {
     server: f64,
     database: f64,
+    /// This process: the publishers and the receiver.
+    bench: f64,
 }
 
 struct Server {
@@ -244,6 +246,7 @@ impl Server {
         Cpu {
             server: self.cpu_secs(),
             database: postgres_cpu_secs(),
+            bench: cpu_secs("self"),
         }
     }
 
@@ -336,6 +339,15 @@ impl Bench {
     fn record_cpu(&mut self, backend: &str, scenario: &str, server: &Server, from: Cpu, deliveries: u64) {
         let per = (server.cpu_secs() - from.server) / deliveries as f64 * 1e6;
         self.record(backend, scenario, "server CPU per delivery", per, "us", false);
+        let per = (cpu_secs("self") - from.bench) / deliveries as f64 * 1e6;
+        self.record(
+            backend,
+            scenario,
+            "load generator CPU per delivery (publishers + receiver)",
+            per,
+            "us",
+            false,
+        );
         if backend == "postgres" {
             let per = (postgres_cpu_secs() - from.database) / deliveries as f64 * 1e6;
             self.record(backend, scenario, "PostgreSQL CPU per delivery", per, "us", false);
