@@ -333,7 +333,9 @@ sql_store!(PgStore, Postgres, PgRow, {
         let failing = subs(&|o| matches!(o, Outcome::RetryAt(_) | Outcome::Failed));
 
         // The attempts, the deliveries' new states and the end of their subscriptions' failure clocks: one
-        // statement, so the usual all-delivered batch is one round trip and its own transaction.
+        // statement, so the usual all-delivered batch is one round trip and its own transaction. A delivery
+        // changed after its attempt started (an operator's retry or redeliver) keeps its new state, due time
+        // and lease: the attempt is logged, and the delivery is attempted again as asked.
         let record = sqlx::query(
             "WITH u AS ( \
                SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
@@ -346,8 +348,14 @@ sql_store!(PgStore, Postgres, PgRow, {
              s AS ( \
                UPDATE user_subscriptions SET failing_since = NULL \
                WHERE subscription_key = ANY($12) AND failing_since IS NOT NULL) \
-             UPDATE deliveries d SET state = u.state, attempts = u.number, next_attempt_at = u.next, \
-               lease_owner = NULL, lease_until = 0, last_status = u.status, last_error = u.error, updated_at = $11 \
+             UPDATE deliveries d SET \
+               state = CASE WHEN d.updated_at > u.started THEN d.state ELSE u.state END, \
+               attempts = GREATEST(d.attempts, u.number), \
+               next_attempt_at = CASE WHEN d.updated_at > u.started THEN d.next_attempt_at ELSE u.next END, \
+               lease_owner = CASE WHEN d.updated_at > u.started THEN d.lease_owner END, \
+               lease_until = CASE WHEN d.updated_at > u.started THEN d.lease_until ELSE 0 END, \
+               last_status = u.status, last_error = u.error, \
+               updated_at = CASE WHEN d.updated_at > u.started THEN d.updated_at ELSE $11 END \
              FROM u WHERE d.id = u.id",
         )
         // Planned on every execution: a plan kept from when the table was small (a fresh database) joins by

@@ -432,11 +432,19 @@ static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
     0,
 );
 
+/// A delivery changed after its attempt started (an operator's retry or redeliver) keeps its new state, due
+/// time and lease: the attempt is logged, and the delivery is attempted again as asked.
 static UPDATE_DELIVERIES: MultiRow = MultiRow::new(
-    "UPDATE OR FAIL deliveries SET state = v.column2, attempts = v.column3, next_attempt_at = v.column4, \
-     lease_owner = NULL, lease_until = 0, last_status = v.column5, last_error = v.column6, updated_at = ?1 \
+    "UPDATE OR FAIL deliveries SET \
+     state = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.state ELSE v.column2 END, \
+     attempts = max(deliveries.attempts, v.column3), \
+     next_attempt_at = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.next_attempt_at ELSE v.column4 END, \
+     lease_owner = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.lease_owner END, \
+     lease_until = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.lease_until ELSE 0 END, \
+     last_status = v.column5, last_error = v.column6, \
+     updated_at = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.updated_at ELSE ?1 END \
      FROM (VALUES ",
-    "(#, #, #, #, #, #)",
+    "(#, #, #, #, #, #, #)",
     ") AS v WHERE deliveries.id = v.column1",
     1,
 );
@@ -694,6 +702,7 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
             stmt.raw_bind_parameter(p(3), next)?;
             stmt.raw_bind_parameter(p(4), r.status_code)?;
             stmt.raw_bind_parameter(p(5), r.error.as_deref())?;
+            stmt.raw_bind_parameter(p(6), r.started_at)?;
         }
         stmt.raw_execute()?;
     }

@@ -11,7 +11,8 @@ crate::on_both!(
     publish_fan_out_and_idempotence,
     concurrent_publishes_get_their_own_outcomes,
     claims_are_exclusive_until_the_lease_expires,
-    attempts_move_deliveries_through_their_states
+    attempts_move_deliveries_through_their_states,
+    a_retry_asked_for_during_an_attempt_outlives_its_result
 );
 
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
@@ -277,4 +278,56 @@ async fn attempts_move_deliveries_through_their_states(b: Backend) {
     );
     assert_eq!(s.retry_deliveries(RetryTarget::Event("ok")).await.unwrap(), 1);
     assert_eq!(s.get_delivery(jobs[0].id).await.unwrap().unwrap().0.state, "pending");
+}
+
+/// An operator retries a delivery while its attempt is in flight: the attempt's result is logged but does not
+/// overwrite the retry, so the delivery is attempted again. Without a retry, the result settles the delivery.
+async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (_, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let jobs: Vec<_> = s
+        .publish(vec![event("retried", 7), event("settled", 7)], Some(lease("n", 60_000)))
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|o| o.jobs)
+        .collect();
+    // The attempts started before the retry below (a second earlier, whatever the clock's resolution).
+    let started_at = g2w_webhooks::domain::now_ms() - 1000;
+    assert_eq!(s.retry_deliveries(RetryTarget::Delivery(jobs[0].id)).await.unwrap(), 1);
+    let delivered = |id: i64| AttemptRecord {
+        delivery_id: id,
+        subscription_key: sk.clone(),
+        number: 1,
+        node: "n".into(),
+        started_at,
+        duration_ms: 3,
+        status_code: Some(200),
+        error: None,
+        response_excerpt: None,
+        outcome: Outcome::Delivered,
+    };
+    s.record_attempts(vec![delivered(jobs[0].id)], 86_400_000)
+        .await
+        .unwrap();
+    let (d, attempts) = s.get_delivery(jobs[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (d.state.as_str(), d.attempts, attempts.len()),
+        ("pending", 1, 1),
+        "the retry stands, the attempt is logged"
+    );
+    assert_eq!(s.queue_stats().await.unwrap().waiting, 2);
+    // The retried delivery is claimable again (the other is still this node's, in flight).
+    let claimed = s
+        .claim_due(g2w_webhooks::domain::now_ms(), &lease("m", 60_000), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![jobs[0].id]);
+
+    // Publishing set the other delivery's last change before its attempt started: the result settles it.
+    let mut settled = delivered(jobs[1].id);
+    settled.started_at = g2w_webhooks::domain::now_ms();
+    s.record_attempts(vec![settled], 86_400_000).await.unwrap();
+    let (d, _) = s.get_delivery(jobs[1].id).await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.attempts), ("delivered", 1));
 }
