@@ -145,6 +145,9 @@ impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for Callback
     }
 }
 
+/// What both clients say they are.
+const USER_AGENT_VALUE: &str = concat!("g2w-webhooks/", env!("CARGO_PKG_VERSION"));
+
 type Connector = hyper_rustls::HttpsConnector<HttpConnector<CallbackResolver>>;
 
 /// The client that sends deliveries: hyper's pooled client with rustls, no redirects, keep-alive per origin,
@@ -155,7 +158,6 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector<CallbackResolver>>;
 pub struct DeliveryClient {
     client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
     timeout: Duration,
-    user_agent: HeaderValue,
 }
 
 /// A callback's answer: its status and headers, and the first bytes of its body.
@@ -214,17 +216,13 @@ impl DeliveryClient {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(https);
-        Self {
-            client,
-            timeout,
-            user_agent: HeaderValue::from_static(concat!("g2w-webhooks/", env!("CARGO_PKG_VERSION"))),
-        }
+        Self { client, timeout }
     }
 
     /// POSTs `body` with `headers` and reads at most `limit` bytes of the answer's body; the attempt timeout
     /// bounds the whole exchange, and a body cut short by it does not change the answer.
     pub async fn post(&self, uri: Uri, mut headers: HeaderMap, body: Bytes, limit: usize) -> Result<Answer, SendError> {
-        headers.insert(USER_AGENT, self.user_agent.clone());
+        headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = uri;
@@ -259,7 +257,7 @@ impl DeliveryClient {
 /// Builds the HTTP client for validation GETs: no redirects, keep-alive pools per origin.
 pub fn client(policy: Policy, timeout: Duration, max_idle_per_host: usize) -> reqwest::Client {
     let mut b = reqwest::Client::builder()
-        .user_agent(concat!("g2w-webhooks/", env!("CARGO_PKG_VERSION")))
+        .user_agent(USER_AGENT_VALUE)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))

@@ -146,6 +146,45 @@ impl Attempt<'_> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn what_cannot_be_sent_is_a_failed_attempt_with_its_reason() {
+        let client = DeliveryClient::new(crate::callback::Policy::AllowPrivate, Duration::from_secs(1), 1);
+        let policy = RetryPolicy {
+            schedule: vec![Duration::from_secs(5)],
+        };
+        let attempt = Attempt {
+            client: &client,
+            policy: &policy,
+            node: "n",
+            standard_webhooks: true,
+        };
+        let job = DeliveryJob {
+            id: 1,
+            event_key: "line\nbreak".into(),
+            app_id: 1,
+            subscription_key: "s".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            body: bytes::Bytes::from_static(b"{}"),
+            webhook_secret: None,
+            attempts: 0,
+            lease_until: i64::MAX,
+        };
+        // An eventKey that no header can carry, sent as the Standard Webhooks id.
+        let url: Uri = job.url.parse().expect("uri");
+        let r = attempt.run(&job, Some("c2VjcmV0"), Some(url)).await;
+        assert!(
+            r.error
+                .as_deref()
+                .is_some_and(|e| e.contains("webhook-id cannot carry")),
+            "{r:?}"
+        );
+        assert!(matches!(r.outcome, Outcome::RetryAt(_)) && r.status_code.is_none());
+        // A callback URL that does not parse.
+        let r = attempt.run(&job, None, None).await;
+        assert_eq!(r.error.as_deref(), Some("http://127.0.0.1:9/hook is not a valid URL"));
+        assert!(matches!(r.outcome, Outcome::RetryAt(_)));
+    }
+
     #[test]
     fn schedule_then_failed() {
         let p = RetryPolicy {

@@ -184,37 +184,40 @@ fn parse_event(raw: &RawValue, index: Option<usize>) -> Result<NewEvent> {
         .and_then(|v| serde_json::from_str::<i64>(v.get()).ok())
         .ok_or_else(|| bad(format!("{}: missing field", name.organizer_field())))?;
 
-    // The body as sent, with the missing service fields first: written once into a buffer of its final size.
-    let mut body = String::with_capacity(text.len() + 160);
-    body.push('{');
-    let event_key = match event_key {
-        Some(k) => k.into_owned(),
-        None => {
-            // Time-ordered (UUID version 7), so the events index grows at its end instead of at random pages.
-            let k = uuid::Uuid::now_v7().to_string();
-            body.push_str("\"eventKey\":\"");
-            body.push_str(&k);
-            body.push_str("\",");
-            k
+    // The body as sent; when service fields are missing they go first, written once into a buffer of the
+    // body's final size.
+    let missing = timestamp.is_none() || event_version.is_none() || fields.product.0.is_none();
+    let (event_key, body) = match event_key {
+        Some(k) if !missing => (k.into_owned(), Bytes::copy_from_slice(text.as_bytes())),
+        given => {
+            let mut body = String::with_capacity(text.len() + 160);
+            body.push('{');
+            let event_key = match given {
+                Some(k) => k.into_owned(),
+                None => {
+                    // Time-ordered (UUID version 7), so the events index grows at its end, not at random pages.
+                    let k = uuid::Uuid::now_v7().to_string();
+                    body.push_str("\"eventKey\":\"");
+                    body.push_str(&k);
+                    body.push_str("\",");
+                    k
+                }
+            };
+            if timestamp.is_none() {
+                body.push_str("\"timestamp\":\"");
+                body.push_str(&format_ms(now_ms()));
+                body.push_str("\",");
+            }
+            if event_version.is_none() {
+                body.push_str("\"eventVersion\":\"1.0.0\",");
+            }
+            if fields.product.0.is_none() {
+                body.push_str("\"product\":\"g2w\",");
+            }
+            // The object is non-empty (it has eventName), so inserting after `{` keeps it valid.
+            body.push_str(text.trim_start().strip_prefix('{').unwrap_or(text));
+            (event_key, Bytes::from(body))
         }
-    };
-    if timestamp.is_none() {
-        body.push_str("\"timestamp\":\"");
-        body.push_str(&format_ms(now_ms()));
-        body.push_str("\",");
-    }
-    if event_version.is_none() {
-        body.push_str("\"eventVersion\":\"1.0.0\",");
-    }
-    if fields.product.0.is_none() {
-        body.push_str("\"product\":\"g2w\",");
-    }
-    let body = if body.len() == 1 {
-        Bytes::copy_from_slice(text.as_bytes())
-    } else {
-        // The object is non-empty (it has eventName), so inserting after `{` keeps it valid.
-        body.push_str(text.trim_start().strip_prefix('{').unwrap_or(text));
-        Bytes::from(body)
     };
     Ok(NewEvent {
         event_key,
