@@ -78,6 +78,9 @@ struct Args {
     /// The server's --max-in-flight, and the ceiling's concurrency.
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
+    /// The SQLite server's --sqlite-synchronous: full (acknowledged means on disk), normal, off.
+    #[arg(long, default_value = "full")]
+    sqlite_synchronous: String,
     /// Tiny sizes for CI: checks every scenario runs and every event arrives, in seconds.
     #[arg(long)]
     smoke: bool,
@@ -187,6 +190,51 @@ async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result
 }
 
 /// CPU time (user + system, all threads, finished ones included) a process has used, in seconds.
+/// What the disk alone allows a server that acknowledges an event only once it is on disk: events arrive at
+/// `rate` per second for `secs` seconds, and a group-commit writer that does nothing else takes every event that
+/// has arrived, writes a 4 KiB page for each (and one for the commit) to a file in `dir`, and calls
+/// `fdatasync`. Returns each event's time from arrival to the end of its `fdatasync`, in milliseconds.
+fn disk_bound(dir: &std::path::Path, rate: u64, secs: u64) -> std::io::Result<Vec<f64>> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    const SPAN: u64 = 4 << 20;
+    let path = dir.join("disk-bound");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    file.set_len(SPAN)?;
+    file.sync_all()?;
+    let page = [0x5a_u8; PAGE];
+    let n = rate * secs;
+    let start = Instant::now();
+    let due = |i: u64| start + Duration::from_secs_f64(i as f64 / rate as f64);
+    let (mut waits, mut next, mut offset) = (Vec::with_capacity(n as usize), 0, 0);
+    while next < n {
+        let now = Instant::now();
+        if due(next) > now {
+            std::thread::sleep(due(next) - now);
+            continue;
+        }
+        let mut last = next;
+        while last < n && due(last) <= now {
+            last += 1;
+        }
+        for _ in next..=last {
+            file.write_all_at(&page, offset)?;
+            offset = (offset + PAGE as u64) % SPAN;
+        }
+        file.sync_data()?;
+        let done = Instant::now();
+        waits.extend((next..last).map(|i| (done - due(i)).as_secs_f64() * 1000.0));
+        next = last;
+    }
+    std::fs::remove_file(path)?;
+    Ok(waits)
+}
+
 fn cpu_secs(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses and may hold spaces): utime and stime are the
@@ -331,7 +379,7 @@ impl Bench {
             of_ceiling,
         });
         if !self.args.json {
-            eprintln!("  {backend:<8} {scenario:<10} {metric:<32} {value:>12.1} {unit}");
+            eprintln!("  {backend:<8} {scenario:<10} {metric:<40} {value:>12.1} {unit}");
         }
     }
 
@@ -351,6 +399,19 @@ impl Bench {
         if backend == "postgres" {
             let per = (postgres_cpu_secs() - from.database) / deliveries as f64 * 1e6;
             self.record(backend, scenario, "PostgreSQL CPU per delivery", per, "us", false);
+        }
+    }
+
+    fn record_percentiles(&mut self, backend: &str, scenario: &str, what: &str, mut ms: Vec<f64>) {
+        ms.sort_by(|x, y| x.total_cmp(y));
+        let pct = |p: f64| ms[((ms.len() as f64 * p) as usize).min(ms.len() - 1)];
+        for (name, v) in [
+            ("p50", pct(0.5)),
+            ("p90", pct(0.9)),
+            ("p99", pct(0.99)),
+            ("max", ms[ms.len() - 1]),
+        ] {
+            self.record(backend, scenario, &format!("{what} {name}"), v, "ms", false);
         }
     }
 
@@ -401,7 +462,7 @@ impl Bench {
                 "--max-in-flight",
                 &self.args.max_in_flight.to_string(),
             ])
-            .args(["--sqlite-synchronous", "full"])
+            .args(["--sqlite-synchronous", &self.args.sqlite_synchronous])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -611,6 +672,11 @@ impl Bench {
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             "latency" => {
+                // The bound the disk sets: the same arrivals, acknowledged by nothing but a write and an
+                // fdatasync on the database's file system. Measured first, so the two do not share the disk.
+                let (rate, secs, probe) = (a.latency_rate, a.latency_secs, dir.path().to_path_buf());
+                let bound = tokio::task::spawn_blocking(move || disk_bound(&probe, rate, secs)).await??;
+                self.record_percentiles(backend, scenario, "disk alone: arrival to fdatasync", bound);
                 let (server, _) = self.start_server(&db, &[]).await?;
                 self.subscribe(&server, &db, &url, 1).await?;
                 let server = Arc::new(server);
@@ -638,30 +704,14 @@ impl Bench {
                 if (-warm..0).any(|k| !seen.arrivals.lock().expect("lock").contains_key(&k)) {
                     bail!("a warm-up event never arrived");
                 }
-                let mut lat: Vec<f64> = {
+                let lat: Vec<f64> = {
                     let arrivals = seen.arrivals.lock().expect("lock");
                     let sent = sent.lock().expect("lock");
                     (0..n as i64)
                         .map(|k| (arrivals[&k] - sent[&k]).as_secs_f64() * 1000.0)
                         .collect()
                 };
-                lat.sort_by(|x, y| x.total_cmp(y));
-                let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-                for (name, v) in [
-                    ("p50", pct(0.5)),
-                    ("p90", pct(0.9)),
-                    ("p99", pct(0.99)),
-                    ("max", lat[lat.len() - 1]),
-                ] {
-                    self.record(
-                        backend,
-                        scenario,
-                        &format!("publish to callback {name}"),
-                        v,
-                        "ms",
-                        false,
-                    );
-                }
+                self.record_percentiles(backend, scenario, "publish to callback", lat);
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             "backlog" => {
@@ -817,7 +867,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = json!({"events": args.events, "batch": args.batch, "batch_publishers": args.batch_publishers,
         "fanout": [args.fanout_events, args.fanout_subs], "latency": [args.latency_rate, args.latency_secs],
         "backlog": args.backlog, "single": [args.single_events, args.publishers], "failing": args.failing_events,
-        "max_in_flight": args.max_in_flight, "sqlite_synchronous": "full"});
+        "max_in_flight": args.max_in_flight, "sqlite_synchronous": args.sqlite_synchronous});
     if !args.json {
         eprintln!("machine {}  settings {settings}", machine());
         eprintln!(
@@ -873,5 +923,19 @@ mod tests {
         assert_eq!(v["times"][0]["endTime"], "2030-01-01T11:00:00Z");
         let k: KeyOnly = serde_json::from_str(&event(42, 7)).expect("the receiver's view");
         assert_eq!(k.webinar_key, 42);
+    }
+
+    #[test]
+    fn the_disk_bound_times_every_arrival_and_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let started = Instant::now();
+        let waits = disk_bound(dir.path(), 200, 1).expect("probe");
+        assert_eq!(waits.len(), 200, "one wait per arrival");
+        assert!(waits.iter().all(|w| *w >= 0.0), "{waits:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(990),
+            "arrivals are spread over the second"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
     }
 }
