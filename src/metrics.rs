@@ -6,33 +6,93 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::store::QueueStats;
 
 /// Upper bounds of the attempt latency histogram, in seconds.
-const BUCKETS: [f64; 14] = [
+const ATTEMPT_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Upper bounds of the store's commit histogram, in seconds: a commit that waits on the disk takes from a
+/// fraction of a millisecond (an idle disk) to hundreds (a stalled one).
+const COMMIT_BUCKETS: [f64; 14] = [
+    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
 pub const OUTCOMES: [&str; 4] = ["delivered", "retry", "failed", "gone"];
 
-#[derive(Debug, Default)]
+/// A Prometheus histogram of durations: cumulative bucket counts, a count and a sum.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64; 14],
+    buckets: [AtomicU64; 14],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    const fn new(bounds: &'static [f64; 14]) -> Self {
+        Self {
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; 14],
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// A histogram of the store's group commits.
+    pub const fn commits() -> Self {
+        Self::new(&COMMIT_BUCKETS)
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        for (bucket, le) in self.buckets.iter().zip(self.bounds) {
+            if seconds <= *le {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add((seconds * 1e6) as u64, Relaxed);
+    }
+
+    pub fn observe_since(&self, start: std::time::Instant) {
+        self.observe(start.elapsed().as_secs_f64());
+    }
+
+    fn render(&self, s: &mut String, name: &str, help: &str) {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bucket, le) in self.buckets.iter().zip(self.bounds) {
+            let _ = writeln!(s, "{name}_bucket{{le=\"{le}\"}} {}", bucket.load(Relaxed));
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(s, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(s, "{name}_count {count}");
+    }
+}
+
+#[derive(Debug)]
 pub struct Metrics {
     pub events_accepted: AtomicU64,
     pub events_duplicate: AtomicU64,
     pub deliveries_created: AtomicU64,
     attempts: [AtomicU64; 4],
-    latency_buckets: [AtomicU64; 14],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
+    attempt_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            events_accepted: AtomicU64::new(0),
+            events_duplicate: AtomicU64::new(0),
+            deliveries_created: AtomicU64::new(0),
+            attempts: Default::default(),
+            attempt_seconds: Histogram::new(&ATTEMPT_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
     pub fn attempt(&self, outcome: usize, seconds: f64) {
         self.attempts[outcome].fetch_add(1, Relaxed);
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if seconds <= *le {
-                self.latency_buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add((seconds * 1e6) as u64, Relaxed);
+        self.attempt_seconds.observe(seconds);
     }
 
     pub fn attempts_with(&self, outcome: &str) -> u64 {
@@ -42,7 +102,7 @@ impl Metrics {
             .map_or(0, |i| self.attempts[i].load(Relaxed))
     }
 
-    pub fn render(&self, queue: QueueStats, now_ms: i64) -> String {
+    pub fn render(&self, queue: QueueStats, commits: Option<&Histogram>, now_ms: i64) -> String {
         let mut s = String::with_capacity(2048);
         let counter = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -76,26 +136,19 @@ impl Metrics {
                 self.attempts[i].load(Relaxed)
             );
         }
-        let _ = writeln!(
-            s,
-            "# HELP g2w_attempt_duration_seconds Time from sending an attempt to its answer.\n\
-             # TYPE g2w_attempt_duration_seconds histogram"
+        self.attempt_seconds.render(
+            &mut s,
+            "g2w_attempt_duration_seconds",
+            "Time from sending an attempt to its answer.",
         );
-        for (i, le) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "g2w_attempt_duration_seconds_bucket{{le=\"{le}\"}} {}",
-                self.latency_buckets[i].load(Relaxed)
+        if let Some(commits) = commits {
+            commits.render(
+                &mut s,
+                "g2w_store_commit_duration_seconds",
+                "Time the store takes to write and commit one group of publishes or attempt results, \
+                 waiting for the disk included.",
             );
         }
-        let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(s, "g2w_attempt_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            s,
-            "g2w_attempt_duration_seconds_sum {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(s, "g2w_attempt_duration_seconds_count {count}");
         let age = queue
             .oldest_waiting_created_at
             .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);

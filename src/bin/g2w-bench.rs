@@ -235,6 +235,26 @@ fn disk_bound(dir: &std::path::Path, rate: u64, secs: u64) -> std::io::Result<Ve
     Ok(waits)
 }
 
+/// From the server's `/metrics`: the share of its store commits that took over 3 ms, and the upper bound of the
+/// histogram bucket that holds the 99th percentile (in seconds).
+fn commit_tail(metrics: &str) -> Option<(f64, f64)> {
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("g2w_store_commit_duration_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, n) = l.split_once("\"} ")?;
+            Some((le.parse().unwrap_or(f64::INFINITY), n.trim().parse().ok()?))
+        })
+        .collect();
+    let count = buckets.last()?.1;
+    if count == 0.0 {
+        return None;
+    }
+    let within_3ms = buckets.iter().find(|(le, _)| *le >= 0.003)?.1;
+    let p99 = buckets.iter().find(|(_, n)| *n >= 0.99 * count)?.0;
+    Some((1.0 - within_3ms / count, p99))
+}
+
 fn cpu_secs(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses and may hold spaces): utime and stime are the
@@ -712,6 +732,30 @@ impl Bench {
                         .collect()
                 };
                 self.record_percentiles(backend, scenario, "publish to callback", lat);
+                let metrics = server
+                    .http
+                    .get(format!("{}/metrics", server.base))
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                let (over, p99) = commit_tail(&metrics).context("no commit histogram in /metrics")?;
+                self.record(
+                    backend,
+                    scenario,
+                    "server: store commits over 3 ms",
+                    over * 100.0,
+                    "%",
+                    false,
+                );
+                self.record(
+                    backend,
+                    scenario,
+                    "server: store commit p99 (bucket bound)",
+                    p99 * 1000.0,
+                    "ms",
+                    false,
+                );
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
             }
             "backlog" => {
@@ -937,5 +981,18 @@ mod tests {
             "arrivals are spread over the second"
         );
         assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 0);
+    }
+
+    #[test]
+    fn the_commit_tail_is_read_from_the_histogram() {
+        let metrics = "g2w_store_commit_duration_seconds_bucket{le=\"0.002\"} 90\n\
+                       g2w_store_commit_duration_seconds_bucket{le=\"0.003\"} 96\n\
+                       g2w_store_commit_duration_seconds_bucket{le=\"0.1\"} 99\n\
+                       g2w_store_commit_duration_seconds_bucket{le=\"+Inf\"} 100\n\
+                       g2w_store_commit_duration_seconds_count 100\n";
+        let (over, p99) = commit_tail(metrics).expect("parsed");
+        assert!((over - 0.04).abs() < 1e-9, "{over}");
+        assert_eq!(p99, 0.1);
+        assert_eq!(commit_tail("g2w_events_accepted_total 0\n"), None);
     }
 }

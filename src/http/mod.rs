@@ -97,7 +97,10 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str> {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.store.queue_stats().await.unwrap_or_default();
-    let body = state.engine.metrics.render(stats, now_ms());
+    let body = state
+        .engine
+        .metrics
+        .render(stats, state.store.commit_durations(), now_ms());
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -11,6 +11,7 @@ use crate::domain::{
     EventName, NewSubscription, NewWebhook, SecretKey, Subscription, SubscriptionChange, Tenant, Webhook, WebhookChange,
 };
 use crate::error::{Error, Result};
+use crate::metrics::Histogram;
 
 mod common;
 pub mod postgres;
@@ -195,6 +196,11 @@ pub trait Store: Send + Sync + 'static {
     /// Calls `wake` whenever another node makes deliveries available (PostgreSQL `LISTEN/NOTIFY`). A single
     /// SQLite process has no other nodes.
     fn watch_for_work(&self, _wake: WorkSignal) {}
+
+    /// How long the store's group commits of the delivery path take, for `/metrics`.
+    fn commit_durations(&self) -> Option<&Histogram> {
+        None
+    }
 }
 
 /// Wakes a node's scheduler.

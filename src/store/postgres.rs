@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,6 +22,7 @@ pub struct PgStore {
     read: PgPool,
     write: PgPool,
     publisher: mpsc::Sender<PublishOp>,
+    commits: Arc<Histogram>,
 }
 
 /// One publish request waiting for a group commit.
@@ -49,19 +50,21 @@ impl PgStore {
             .run(&pool)
             .await
             .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+        let commits = Arc::new(Histogram::commits());
         Ok(Self {
             read: pool.clone(),
-            publisher: spawn_publishers(pool.clone()),
+            publisher: spawn_publishers(pool.clone(), commits.clone()),
             write: pool,
+            commits,
         })
     }
 }
 
-fn spawn_publishers(pool: PgPool) -> mpsc::Sender<PublishOp> {
+fn spawn_publishers(pool: PgPool, commits: Arc<Histogram>) -> mpsc::Sender<PublishOp> {
     let (tx, rx) = mpsc::channel::<PublishOp>(4096);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     for _ in 0..PUBLISHERS {
-        let (rx, pool) = (rx.clone(), pool.clone());
+        let (rx, pool, commits) = (rx.clone(), pool.clone(), commits.clone());
         tokio::spawn(async move {
             let mut ops = Vec::with_capacity(MAX_GROUP);
             loop {
@@ -71,7 +74,9 @@ fn spawn_publishers(pool: PgPool) -> mpsc::Sender<PublishOp> {
                 let (leased, unleased): (Vec<_>, Vec<_>) = ops.drain(..).partition(|op| op.lease.is_some());
                 for group in [leased, unleased] {
                     if !group.is_empty() {
+                        let started = Instant::now();
                         publish_group(&pool, group).await;
+                        commits.observe_since(started);
                     }
                 }
             }
@@ -297,6 +302,7 @@ sql_store!(PgStore, Postgres, PgRow, {
     }
 
     async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {
+        let clock = Instant::now();
         let now = now_ms();
         let mut results = results;
         // A stable lock order keeps concurrent nodes from deadlocking on the same rows.
@@ -422,6 +428,7 @@ sql_store!(PgStore, Postgres, PgRow, {
                 .await?;
         }
         tx.commit().await?;
+        self.commits.observe_since(clock);
         Ok(())
     }
 
@@ -434,6 +441,10 @@ sql_store!(PgStore, Postgres, PgRow, {
         .execute(&self.write)
         .await?
         .rows_affected())
+    }
+
+    fn commit_durations(&self) -> Option<&Histogram> {
+        Some(&self.commits)
     }
 
     fn watch_for_work(&self, wake: WorkSignal) {

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,6 +23,7 @@ pub struct SqliteStore {
     /// leases live here rather than in the database: claiming costs a read, not a write and an fsync, and a
     /// restart resumes everything that was held.
     held: Held,
+    commits: Arc<Histogram>,
 }
 
 type Held = Arc<std::sync::Mutex<Holdings>>;
@@ -145,11 +146,12 @@ impl SqliteStore {
         let (writer, rx) = mpsc::channel(4096);
         let held: Held = Arc::default();
         let gate = Gate::default();
+        let commits = Arc::new(Histogram::commits());
         {
-            let (held, gate) = (held.clone(), gate.clone());
+            let (held, gate, commits) = (held.clone(), gate.clone(), commits.clone());
             std::thread::Builder::new()
                 .name("sqlite-writer".into())
-                .spawn(move || run_writer(hot, rx, held, gate))
+                .spawn(move || run_writer(hot, rx, held, gate, &commits))
                 .map_err(|e| Error::Internal(format!("starting the database writer: {e}")))?;
         }
         let checkpointer = SqlitePoolOptions::new()
@@ -162,6 +164,7 @@ impl SqliteStore {
             write,
             writer,
             held,
+            commits,
         })
     }
 }
@@ -221,10 +224,11 @@ impl Hot {
 /// validated before they get here, so a failure is the database's and fails the whole group, which then
 /// retries or reports it. (A thread of its own, rather than a task handing each group to the blocking pool,
 /// saves two thread wake-ups per group: one-event publishes make many small groups.)
-fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate) {
+fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate, commits: &Histogram) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
         let ops: Vec<WriteOp> = std::mem::take(&mut batch);
+        let started = Instant::now();
         let pause = gate.blocking_lock();
         let mut attempt = 0;
         let result = loop {
@@ -237,6 +241,7 @@ fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: G
             }
         };
         drop(pause);
+        commits.observe_since(started);
         match result {
             Ok(published) => {
                 let mut published = published.into_iter();
@@ -749,6 +754,10 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
 }
 
 sql_store!(SqliteStore, Sqlite, SqliteRow, {
+    fn commit_durations(&self) -> Option<&Histogram> {
+        Some(&self.commits)
+    }
+
     async fn ping(&self) -> Result<()> {
         if self.writer.is_closed() {
             return Err(Error::Unavailable("the database writer has stopped".into()));

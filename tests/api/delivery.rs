@@ -445,6 +445,23 @@ async fn deliveries_can_be_listed_filtered_and_paged(b: Backend) {
     assert!(metrics.contains("g2w_deliveries_created_total 6"));
     assert!(metrics.contains("g2w_attempt_duration_seconds_count"));
     assert!(metrics.contains("g2w_deliveries_waiting"));
+    // Two publish requests were committed (on PostgreSQL each in its own group, on SQLite perhaps with
+    // attempt results): the store's commits are counted and every one fits under the last finite bucket.
+    let sample = |name: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let commits = sample("g2w_store_commit_duration_seconds_count ");
+    assert!(commits >= 2.0, "{metrics}");
+    assert_eq!(
+        sample("g2w_store_commit_duration_seconds_bucket{le=\"5\"}"),
+        commits,
+        "{metrics}"
+    );
+    assert!(sample("g2w_store_commit_duration_seconds_sum ") > 0.0, "{metrics}");
 }
 
 fn urlencode(s: &str) -> String {
