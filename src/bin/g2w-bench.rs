@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{Method, StatusCode};
 use clap::Parser;
+use g2w_webhooks::callback::{DeliveryClient, Policy};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -154,29 +156,28 @@ fn client(concurrency: usize) -> reqwest::Client {
         .expect("client")
 }
 
-/// The ceiling: the receiver driven directly by the same client at the same concurrency.
-/// The ceiling's requests per second, and the CPU time per request it took (client and receiver together).
-/// The receiver does for each request what it does in the scenarios (it records every event's arrival), and
-/// the bodies are events with distinct keys, made before the clock starts.
+/// The ceiling: the receiver driven directly by the server's own delivery client (`callback::DeliveryClient`,
+/// the same connection pool, TLS stack and request path) at the same concurrency. The ceiling's requests per
+/// second, and the CPU time per request it took (client and receiver together). The receiver does for each
+/// request what it does in the scenarios (it records every event's arrival), and the bodies are events with
+/// distinct keys, made before the clock starts.
 async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result<(f64, f64)> {
-    let http = client(concurrency);
+    let http = DeliveryClient::new(Policy::AllowPrivate, Duration::from_secs(30), concurrency);
+    let uri: axum::http::Uri = url.parse()?;
     let bodies: Arc<Vec<Bytes>> = Arc::new((0..requests as i64).map(|k| Bytes::from(event(k, 1))).collect());
     let cpu = cpu_secs("self");
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (http, url, bodies, next) = (http.clone(), url.to_string(), bodies.clone(), next.clone());
+        let (http, uri, bodies, next) = (http.clone(), uri.clone(), bodies.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i as usize) else { break };
-                let _ = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await;
+                let mut headers = axum::http::HeaderMap::new();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                let _ = http.post(uri.clone(), headers, body.clone(), 1024).await;
             }
         }));
     }
@@ -189,7 +190,6 @@ async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result
     ))
 }
 
-/// CPU time (user + system, all threads, finished ones included) a process has used, in seconds.
 /// What the disk alone allows a server that acknowledges an event only once it is on disk: events arrive at
 /// `rate` per second for `secs` seconds, and a group-commit writer that does nothing else takes every event that
 /// has arrived, writes a 4 KiB page for each (and one for the commit) to a file in `dir`, and calls
@@ -255,6 +255,7 @@ fn commit_tail(metrics: &str) -> Option<(f64, f64)> {
     Some((1.0 - within_3ms / count, p99))
 }
 
+/// CPU time (user + system, all threads, finished ones included) a process has used, in seconds.
 fn cpu_secs(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses and may hold spaces): utime and stime are the
@@ -301,7 +302,10 @@ struct Cpu {
 struct Server {
     child: Child,
     base: String,
+    /// For set-up and `/metrics`.
     http: reqwest::Client,
+    publisher: DeliveryClient,
+    events: axum::http::Uri,
 }
 
 impl Server {
@@ -328,20 +332,22 @@ impl Server {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// Publishes through the same client the ceiling uses (the server's delivery client), so publishing costs
+    /// the machine no more than a ceiling request does.
     async fn publish(&self, body: String) -> anyhow::Result<()> {
-        let res = self
-            .http
-            .post(format!("{}/admin/v1/events", self.base))
-            .bearer_auth("bench-admin")
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        if res.status() != 202 {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench-admin"));
+        let answer = self
+            .publisher
+            .post(self.events.clone(), headers, Bytes::from(body), 4096)
+            .await
+            .map_err(|e| anyhow::anyhow!("publish failed: {e}"))?;
+        if answer.status != 202 {
             bail!(
                 "publish answered {}: {}",
-                res.status(),
-                res.text().await.unwrap_or_default()
+                answer.status,
+                String::from_utf8_lossy(&answer.excerpt)
             );
         }
         Ok(())
@@ -503,7 +509,14 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok((Server { child, base, http }, started.elapsed()))
+        let server = Server {
+            events: format!("{base}/admin/v1/events").parse()?,
+            publisher: DeliveryClient::new(Policy::AllowPrivate, Duration::from_secs(300), 64),
+            child,
+            base,
+            http,
+        };
+        Ok((server, started.elapsed()))
     }
 
     /// A token, an ACTIVE webhook and `subs` ACTIVE subscriptions of organizer 1, each to its own path.
@@ -915,7 +928,7 @@ async fn main() -> anyhow::Result<()> {
     if !args.json {
         eprintln!("machine {}  settings {settings}", machine());
         eprintln!(
-            "  ceiling before each scenario: reqwest, {} connections, the same receiver, no g2w-webhooks",
+            "  ceiling before each scenario: the server's delivery client, {} connections, the same receiver, no g2w-webhooks",
             args.max_in_flight
         );
     }
