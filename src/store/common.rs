@@ -89,36 +89,6 @@ fn duplicate_webhook(name: EventName, url: &str) -> Error {
     ))
 }
 
-/// Claimed rows (id, event_key, app_id, subscription_key, url, attempts, body, secret_key) as jobs, sharing
-/// one body buffer per event.
-fn jobs_from_rows(rows: &[$row], lease_until: i64) -> Result<Vec<DeliveryJob>> {
-    let mut bodies: std::collections::HashMap<String, Bytes> = std::collections::HashMap::new();
-    rows.iter()
-        .map(|r| {
-            let event_key: String = r.try_get("event_key")?;
-            let body = match bodies.get(&event_key) {
-                Some(b) => b.clone(),
-                None => {
-                    let b = Bytes::from(r.try_get::<Vec<u8>, _>("body")?);
-                    bodies.insert(event_key.clone(), b.clone());
-                    b
-                }
-            };
-            Ok(DeliveryJob {
-                id: r.try_get("id")?,
-                event_key,
-                app_id: r.try_get("app_id")?,
-                subscription_key: r.try_get("subscription_key")?,
-                url: r.try_get("url")?,
-                body,
-                webhook_secret: r.try_get("secret_key")?,
-                attempts: r.try_get("attempts")?,
-                lease_until,
-            })
-        })
-        .collect()
-}
-
 #[async_trait]
 impl Store for $store {
     async fn ensure_app(&self, name: &str) -> Result<i64> {

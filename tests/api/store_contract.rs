@@ -12,7 +12,8 @@ crate::on_both!(
     concurrent_publishes_get_their_own_outcomes,
     claims_are_exclusive_until_the_lease_expires,
     attempts_move_deliveries_through_their_states,
-    a_retry_asked_for_during_an_attempt_outlives_its_result
+    a_retry_asked_for_during_an_attempt_outlives_its_result,
+    a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again
 );
 
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
@@ -330,4 +331,55 @@ async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
     s.record_attempts(vec![settled], 86_400_000).await.unwrap();
     let (d, _) = s.get_delivery(jobs[1].id).await.unwrap().unwrap();
     assert_eq!((d.state.as_str(), d.attempts), ("delivered", 1));
+}
+
+/// A backlog is drained by claims that come back full, each taking deliveries none before it took; a delivery
+/// that becomes due again behind them (a retry due in the past, recorded while the backlog drains) is found by
+/// the claims that follow.
+async fn a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (_, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let events: Vec<NewEvent> = (0..12).map(|i| event(&format!("b{i}"), 7)).collect();
+    s.publish(events, None).await.unwrap();
+    let claim = || async {
+        s.claim_due(g2w_webhooks::domain::now_ms(), &lease("n", 60_000), 4)
+            .await
+            .unwrap()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let first = claim().await;
+    let second = claim().await;
+    assert_eq!((first.len(), second.len()), (4, 4), "full claims");
+    assert!(
+        first.iter().chain(&second).all(|j| seen.insert(j.id)),
+        "no delivery handed out twice"
+    );
+    let now = g2w_webhooks::domain::now_ms();
+    s.record_attempts(
+        vec![AttemptRecord {
+            delivery_id: first[1].id,
+            subscription_key: sk.clone(),
+            number: 1,
+            node: "n".into(),
+            started_at: now,
+            duration_ms: 3,
+            status_code: Some(503),
+            error: None,
+            response_excerpt: None,
+            outcome: Outcome::RetryAt(now - 10_000),
+        }],
+        86_400_000,
+    )
+    .await
+    .unwrap();
+    let mut rest = Vec::new();
+    for _ in 0..4 {
+        rest.extend(claim().await.into_iter().map(|j| j.id));
+    }
+    assert_eq!(rest.len(), 5, "the four never claimed and the retry: {rest:?}");
+    assert!(
+        rest.contains(&first[1].id),
+        "the retry due in the past is claimed again"
+    );
+    assert!(rest.iter().filter(|id| **id != first[1].id).all(|id| seen.insert(*id)));
 }
