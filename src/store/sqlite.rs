@@ -46,6 +46,28 @@ struct ClaimFrom {
 /// How long claims keep reading from a position before they start from the front again.
 const CLAIM_FROM_FOR: Duration = Duration::from_secs(1);
 
+impl ClaimFrom {
+    /// The position to claim from, if a run of full claims left a fresh one (taken: a claim that comes back
+    /// short leaves none).
+    fn take(slot: &std::sync::Mutex<Option<ClaimFrom>>) -> Option<ClaimFrom> {
+        slot.lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .filter(|f| f.since.elapsed() < CLAIM_FROM_FOR)
+    }
+
+    /// After a full claim from `from`: the next one starts after its last row, `(next_attempt_at, id)`.
+    fn keep(slot: &std::sync::Mutex<Option<ClaimFrom>>, from: Option<ClaimFrom>, last: Option<(i64, i64)>) {
+        if let (Some((next_attempt_at, id)), Ok(mut f)) = (last, slot.lock()) {
+            *f = Some(ClaimFrom {
+                next_attempt_at,
+                id,
+                since: from.map_or_else(Instant::now, |f| f.since),
+            });
+        }
+    }
+}
+
 type Held = Arc<std::sync::Mutex<Holdings>>;
 
 /// What this process holds, and what it let go of while claims were reading. A claim reads without the lock;
@@ -797,11 +819,7 @@ fn claim_rows(
     now: i64,
     limit: i64,
 ) -> Result<Vec<DeliveryJob>> {
-    let from = claim_from
-        .lock()
-        .ok()
-        .and_then(|mut f| f.take())
-        .filter(|f| f.since.elapsed() < CLAIM_FROM_FOR);
+    let from = ClaimFrom::take(claim_from);
     // From the front: due rows from the due index, skipping those this process holds (passed as one JSON
     // array, which SQLite turns into a temporary index), so only the rows taken are read. From a position: the
     // rows held are behind it, except the few a publish's fast path took since, which are dropped below.
@@ -859,14 +877,8 @@ fn claim_rows(
     drop(rows);
     drop(stmt);
     drop(conn);
-    if let (Some((next_attempt_at, id)), true) = (last, read == limit) {
-        if let Ok(mut f) = claim_from.lock() {
-            *f = Some(ClaimFrom {
-                next_attempt_at,
-                id,
-                since: from.map_or_else(Instant::now, |f| f.since),
-            });
-        }
+    if read == limit {
+        ClaimFrom::keep(claim_from, from, last);
     }
     let mut h = holdings(held);
     // Held (taken meanwhile by a publish's fast path, or behind a position), or recorded while this claim read:
