@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -150,6 +151,12 @@ pub async fn run(
     };
     tracing::info!(addr = %listener.local_addr()?, ?role, "listening");
     let stop = shutdown.clone();
+    // Answers go out as soon as they are written: no Nagle delay on keep-alive connections.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
