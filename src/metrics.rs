@@ -102,7 +102,7 @@ impl Metrics {
             .map_or(0, |i| self.attempts[i].load(Relaxed))
     }
 
-    pub fn render(&self, queue: QueueStats, commits: Option<&Histogram>, now_ms: i64) -> String {
+    pub fn render(&self, queue: QueueStats, commits: &Histogram, now_ms: i64) -> String {
         let mut s = String::with_capacity(2048);
         let counter = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -141,14 +141,12 @@ impl Metrics {
             "g2w_attempt_duration_seconds",
             "Time from sending an attempt to its answer.",
         );
-        if let Some(commits) = commits {
-            commits.render(
-                &mut s,
-                "g2w_store_commit_duration_seconds",
-                "Time the store takes to write and commit one group of publishes or attempt results, \
-                 waiting for the disk included.",
-            );
-        }
+        commits.render(
+            &mut s,
+            "g2w_store_commit_duration_seconds",
+            "Time the store takes to write and commit one group of publishes or attempt results, \
+             waiting for the disk included.",
+        );
         let age = queue
             .oldest_waiting_created_at
             .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);

@@ -156,6 +156,13 @@ fn client(concurrency: usize) -> reqwest::Client {
         .expect("client")
 }
 
+/// Headers of a JSON request body.
+fn json_headers() -> axum::http::HeaderMap {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers
+}
+
 /// The ceiling: the receiver driven directly by the server's own delivery client (`callback::DeliveryClient`,
 /// the same connection pool, TLS stack and request path) at the same concurrency. The ceiling's requests per
 /// second, and the CPU time per request it took (client and receiver together). The receiver does for each
@@ -175,9 +182,7 @@ async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i as usize) else { break };
-                let mut headers = axum::http::HeaderMap::new();
-                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                let _ = http.post(uri.clone(), headers, body.clone(), 1024).await;
+                let _ = http.post(uri.clone(), json_headers(), body.clone(), 1024).await;
             }
         }));
     }
@@ -335,8 +340,7 @@ impl Server {
     /// Publishes through the same client the ceiling uses (the server's delivery client), so publishing costs
     /// the machine no more than a ceiling request does.
     async fn publish(&self, body: String) -> anyhow::Result<()> {
-        let mut headers = axum::http::HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut headers = json_headers();
         headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench-admin"));
         let answer = self
             .publisher

@@ -198,9 +198,7 @@ pub trait Store: Send + Sync + 'static {
     fn watch_for_work(&self, _wake: WorkSignal) {}
 
     /// How long the store's group commits of the delivery path take, for `/metrics`.
-    fn commit_durations(&self) -> Option<&Histogram> {
-        None
-    }
+    fn commit_durations(&self) -> &Histogram;
 }
 
 /// Wakes a node's scheduler.

@@ -473,8 +473,8 @@ sql_store!(PgStore, Postgres, PgRow, {
         .rows_affected())
     }
 
-    fn commit_durations(&self) -> Option<&Histogram> {
-        Some(&self.commits)
+    fn commit_durations(&self) -> &Histogram {
+        &self.commits
     }
 
     fn watch_for_work(&self, wake: WorkSignal) {

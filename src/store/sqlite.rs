@@ -24,10 +24,14 @@ pub struct SqliteStore {
     /// restart resumes everything that was held.
     held: Held,
     commits: Arc<Histogram>,
-    /// The read connection claims use, driven directly through rusqlite (see `claim_rows`).
-    claims: Arc<std::sync::Mutex<rusqlite::Connection>>,
-    /// Where the last full claim stopped reading (see `ClaimFrom`).
-    claim_from: Arc<std::sync::Mutex<Option<ClaimFrom>>>,
+    /// What claims read with (see `claim_rows`).
+    claims: Arc<std::sync::Mutex<ClaimReader>>,
+}
+
+/// The read connection claims use, driven directly through rusqlite, and where the last full claim stopped.
+struct ClaimReader {
+    conn: rusqlite::Connection,
+    from: Option<ClaimFrom>,
 }
 
 /// The due-index position, `(next_attempt_at, id)`, of the last row a full claim read, and when this run of
@@ -45,28 +49,6 @@ struct ClaimFrom {
 
 /// How long claims keep reading from a position before they start from the front again.
 const CLAIM_FROM_FOR: Duration = Duration::from_secs(1);
-
-impl ClaimFrom {
-    /// The position to claim from, if a run of full claims left a fresh one (taken: a claim that comes back
-    /// short leaves none).
-    fn take(slot: &std::sync::Mutex<Option<ClaimFrom>>) -> Option<ClaimFrom> {
-        slot.lock()
-            .ok()
-            .and_then(|mut f| f.take())
-            .filter(|f| f.since.elapsed() < CLAIM_FROM_FOR)
-    }
-
-    /// After a full claim from `from`: the next one starts after its last row, `(next_attempt_at, id)`.
-    fn keep(slot: &std::sync::Mutex<Option<ClaimFrom>>, from: Option<ClaimFrom>, last: Option<(i64, i64)>) {
-        if let (Some((next_attempt_at, id)), Ok(mut f)) = (last, slot.lock()) {
-            *f = Some(ClaimFrom {
-                next_attempt_at,
-                id,
-                since: from.map_or_else(Instant::now, |f| f.since),
-            });
-        }
-    }
-}
 
 type Held = Arc<std::sync::Mutex<Holdings>>;
 
@@ -219,8 +201,10 @@ impl SqliteStore {
             writer,
             held,
             commits,
-            claims: Arc::new(std::sync::Mutex::new(claims)),
-            claim_from: Arc::default(),
+            claims: Arc::new(std::sync::Mutex::new(ClaimReader {
+                conn: claims,
+                from: None,
+            })),
         })
     }
 }
@@ -812,14 +796,11 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
 /// Takes up to `limit` due deliveries this process does not hold, oldest due first, and holds them. Runs on a
 /// blocking thread with the claim connection: rows are read straight into jobs (through sqlx each value was
 /// copied once more and looked up by name, about a tenth of the server's CPU while a backlog drained).
-fn claim_rows(
-    conn: &std::sync::Mutex<rusqlite::Connection>,
-    held: &Held,
-    claim_from: &std::sync::Mutex<Option<ClaimFrom>>,
-    now: i64,
-    limit: i64,
-) -> Result<Vec<DeliveryJob>> {
-    let from = ClaimFrom::take(claim_from);
+fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, limit: i64) -> Result<Vec<DeliveryJob>> {
+    let mut reader = reader.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // A position is used once: a claim that comes back short leaves none, and a run of full claims is cut
+    // after `CLAIM_FROM_FOR`.
+    let from = reader.from.take().filter(|f| f.since.elapsed() < CLAIM_FROM_FOR);
     // From the front: due rows from the due index, skipping those this process holds (passed as one JSON
     // array, which SQLite turns into a temporary index), so only the rows taken are read. From a position: the
     // rows held are behind it, except the few a publish's fast path took since, which are dropped below.
@@ -829,18 +810,17 @@ fn claim_rows(
          FROM deliveries d JOIN events e ON e.event_key = d.event_key \
          LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key \
          WHERE d.state = 'pending' AND d.next_attempt_at <= ?1";
-    let conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut stmt;
     let mut rows = match (from, holding) {
         (Some(f), _) => {
-            stmt = conn.prepare_cached(&format!(
+            stmt = reader.conn.prepare_cached(&format!(
                 "{COLUMNS} AND d.next_attempt_at >= ?2 AND NOT (d.next_attempt_at = ?2 AND d.id <= ?3) \
                  ORDER BY d.next_attempt_at, d.id LIMIT ?4"
             ))?;
             stmt.query(rusqlite::params![now, f.next_attempt_at, f.id, limit])?
         }
         (None, holding) => {
-            stmt = conn.prepare_cached(&format!(
+            stmt = reader.conn.prepare_cached(&format!(
                 "{COLUMNS} AND d.id NOT IN (SELECT value FROM json_each(?2)) \
                  ORDER BY d.next_attempt_at, d.id LIMIT ?3"
             ))?;
@@ -876,10 +856,15 @@ fn claim_rows(
     }
     drop(rows);
     drop(stmt);
-    drop(conn);
-    if read == limit {
-        ClaimFrom::keep(claim_from, from, last);
+    if let (Some((next_attempt_at, id)), true) = (last, read == limit) {
+        // Full: the next claim starts after this one's last row.
+        reader.from = Some(ClaimFrom {
+            next_attempt_at,
+            id,
+            since: from.map_or_else(Instant::now, |f| f.since),
+        });
     }
+    drop(reader);
     let mut h = holdings(held);
     // Held (taken meanwhile by a publish's fast path, or behind a position), or recorded while this claim read:
     // not this claim's.
@@ -891,8 +876,8 @@ fn claim_rows(
 }
 
 sql_store!(SqliteStore, Sqlite, SqliteRow, {
-    fn commit_durations(&self) -> Option<&Histogram> {
-        Some(&self.commits)
+    fn commit_durations(&self) -> &Histogram {
+        &self.commits
     }
 
     async fn ping(&self) -> Result<()> {
@@ -909,8 +894,8 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
     }
 
     async fn claim_due(&self, now: i64, _lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
-        let (conn, held, from) = (self.claims.clone(), self.held.clone(), self.claim_from.clone());
-        tokio::task::spawn_blocking(move || claim_rows(&conn, &held, &from, now, limit))
+        let (claims, held) = (self.claims.clone(), self.held.clone());
+        tokio::task::spawn_blocking(move || claim_rows(&claims, &held, now, limit))
             .await
             .map_err(|e| Error::Internal(format!("claiming deliveries: {e}")))?
     }
