@@ -81,7 +81,7 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
     /// The SQLite server's --sqlite-synchronous: full (acknowledged means on disk), normal, off.
-    #[arg(long, default_value = "full")]
+    #[arg(long, default_value = "full", value_parser = ["full", "normal", "off"])]
     sqlite_synchronous: String,
     /// Tiny sizes for CI: checks every scenario runs and every event arrives, in seconds.
     #[arg(long)]
@@ -1011,5 +1011,13 @@ mod tests {
         assert!((over - 0.04).abs() < 1e-9, "{over}");
         assert_eq!(p99, 0.1);
         assert_eq!(commit_tail("g2w_events_accepted_total 0\n"), None);
+    }
+
+    #[test]
+    fn an_unknown_synchronous_mode_is_refused_before_anything_starts() {
+        let err = Args::try_parse_from(["g2w-bench", "--sqlite-synchronous", "sometimes"]).expect_err("refused");
+        assert!(err.to_string().contains("sometimes"), "{err}");
+        let ok = Args::try_parse_from(["g2w-bench", "--sqlite-synchronous", "off"]).expect("accepted");
+        assert_eq!(ok.sqlite_synchronous, "off");
     }
 }

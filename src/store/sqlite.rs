@@ -989,6 +989,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unknown_synchronous_mode_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        match SqliteStore::open(&url, 1, "sometimes").await {
+            Err(Error::BadRequest(msg)) => assert!(msg.contains("`sometimes`"), "{msg}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[tokio::test]
     async fn an_in_memory_database_is_refused_with_a_clear_error() {
         for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://x.db?mode=memory"] {
             match SqliteStore::open(url, 1, "full").await {
