@@ -4,6 +4,7 @@
 //! database, a receiver and a publisher in this process, and reports figures with their ratio to the ceiling:
 //! the same receiver driven directly by the same HTTP client at the same concurrency.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -112,6 +113,9 @@ struct Seen {
     last: Mutex<Option<Instant>>,
     fail_every_third: AtomicBool,
     record_arrivals: AtomicBool,
+    /// Callbacks answered 2xx for an event that had already arrived (at-least-once allows them; a healthy
+    /// receiver should see none).
+    duplicates: AtomicU64,
 }
 
 #[derive(serde::Deserialize)]
@@ -131,7 +135,14 @@ async fn receive(State(seen): State<Arc<Seen>>, method: Method, body: Bytes) -> 
     let now = Instant::now();
     if seen.record_arrivals.load(Ordering::Relaxed) {
         if let Ok(k) = serde_json::from_slice::<KeyOnly>(&body) {
-            seen.arrivals.lock().expect("lock").entry(k.webinar_key).or_insert(now);
+            match seen.arrivals.lock().expect("lock").entry(k.webinar_key) {
+                Entry::Vacant(v) => {
+                    v.insert(now);
+                }
+                Entry::Occupied(_) => {
+                    seen.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
     *seen.last.lock().expect("lock") = Some(now);
@@ -605,25 +616,36 @@ impl Bench {
         Ok(start.elapsed())
     }
 
+    /// Waits until `n` callbacks arrived: distinct events where the receiver records them (a duplicate does
+    /// not stand in for an event still missing), every callback otherwise.
     async fn wait_for(&self, seen: &Seen, n: u64, timeout: Duration) -> anyhow::Result<()> {
+        let arrived = || {
+            if seen.record_arrivals.load(Ordering::Relaxed) {
+                seen.arrivals.lock().expect("lock").len() as u64
+            } else {
+                seen.count.load(Ordering::Relaxed)
+            }
+        };
         let deadline = Instant::now() + timeout;
-        while seen.count.load(Ordering::Relaxed) < n {
+        while arrived() < n {
             if Instant::now() > deadline {
-                bail!(
-                    "only {} of {n} callbacks arrived in {timeout:?}",
-                    seen.count.load(Ordering::Relaxed)
-                );
+                bail!("only {} of {n} callbacks arrived in {timeout:?}", arrived());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
     }
 
-    fn complete(&self, seen: &Seen, n: u64) -> anyhow::Result<()> {
-        let arrivals = seen.arrivals.lock().expect("lock");
-        if let Some(k) = (0..n as i64).find(|k| !arrivals.contains_key(k)) {
-            bail!("event {k} never arrived");
+    /// Checks that events 0..n all arrived, and records how many arrived more than once.
+    fn complete(&mut self, backend: &str, scenario: &str, seen: &Seen, n: u64) -> anyhow::Result<()> {
+        {
+            let arrivals = seen.arrivals.lock().expect("lock");
+            if let Some(k) = (0..n as i64).find(|k| !arrivals.contains_key(k)) {
+                bail!("event {k} never arrived");
+            }
         }
+        let duplicates = seen.duplicates.load(Ordering::Relaxed) as f64;
+        self.record(backend, scenario, "duplicate callbacks", duplicates, "", false);
         Ok(())
     }
 
@@ -664,7 +686,7 @@ impl Bench {
                 let publish = self.publish_batched(&server, events, batch, pubs).await?;
                 self.wait_for(&seen, events, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.complete(&seen, events)?;
+                self.complete(backend, scenario, &seen, events)?;
                 self.record_cpu(backend, scenario, &server, cpu, events);
                 let rss = server.peak_rss_mib();
                 self.record(
@@ -737,7 +759,7 @@ impl Bench {
                     t.await??;
                 }
                 self.wait_for(&seen, n + warm as u64, max_wait).await?;
-                self.complete(&seen, n)?;
+                self.complete(backend, scenario, &seen, n)?;
                 if (-warm..0).any(|k| !seen.arrivals.lock().expect("lock").contains_key(&k)) {
                     bail!("a warm-up event never arrived");
                 }
@@ -826,7 +848,7 @@ impl Bench {
                 self.publish_batched(&server, n, 1, a.publishers).await?;
                 self.wait_for(&seen, n, max_wait).await?;
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.complete(&seen, n)?;
+                self.complete(backend, scenario, &seen, n)?;
                 self.record_cpu(backend, scenario, &server, cpu, n);
                 let rate = n as f64 / (end - start).as_secs_f64();
                 self.record(
@@ -857,7 +879,7 @@ impl Bench {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.complete(&seen, n)?;
+                self.complete(backend, scenario, &seen, n)?;
                 self.record(
                     backend,
                     scenario,
