@@ -82,7 +82,7 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
     /// The SQLite server's --sqlite-synchronous: full (acknowledged means on disk), normal, off.
-    #[arg(long, default_value = "full", value_parser = ["full", "normal", "off"])]
+    #[arg(long, default_value = "full", value_parser = synchronous_mode)]
     sqlite_synchronous: String,
     /// Tiny sizes for CI: checks every scenario runs and every event arrives, in seconds.
     #[arg(long)]
@@ -90,6 +90,14 @@ struct Args {
     /// Print one JSON document instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A SQLite synchronous mode, checked by the parser the server's store uses, so a bad one is refused before
+/// anything starts.
+fn synchronous_mode(mode: &str) -> Result<String, String> {
+    <sqlx::sqlite::SqliteSynchronous as std::str::FromStr>::from_str(mode)
+        .map(|_| mode.to_string())
+        .map_err(|_| format!("unknown SQLite synchronous mode `{mode}`"))
 }
 
 #[derive(Debug, Clone, Serialize)]

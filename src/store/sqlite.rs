@@ -856,7 +856,7 @@ fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, lim
     }
     drop(rows);
     drop(stmt);
-    if let (Some((next_attempt_at, id)), true) = (last, read == limit) {
+    if let Some((next_attempt_at, id)) = last.filter(|_| read == limit) {
         // Full: the next claim starts after this one's last row.
         reader.from = Some(ClaimFrom {
             next_attempt_at,
