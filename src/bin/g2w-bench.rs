@@ -293,6 +293,16 @@ fn cpu_secs(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Bytes a process has caused to be written to storage so far (its WAL and database file writes).
+fn disk_write_bytes(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// CPU time used so far by PostgreSQL's processes on this machine (the backends serving the server's pool
 /// live as long as their connections, so a scenario's share is the difference).
 fn postgres_cpu_secs() -> f64 {
@@ -318,6 +328,8 @@ fn event(key: i64, organizer: i64) -> String {
 #[derive(Clone, Copy)]
 struct Cpu {
     server: f64,
+    /// Bytes the server has caused to be written to storage (`write_bytes` in `/proc/PID/io`).
+    server_disk: f64,
     database: f64,
     /// This process: the publishers and the receiver.
     bench: f64,
@@ -340,6 +352,7 @@ impl Server {
     /// CPU used so far by the server and by PostgreSQL.
     fn cpu(&self) -> Cpu {
         Cpu {
+            server_disk: disk_write_bytes(&self.child.id().to_string()),
             server: self.cpu_secs(),
             database: postgres_cpu_secs(),
             bench: cpu_secs("self"),
@@ -448,6 +461,10 @@ impl Bench {
         if backend == "postgres" {
             let per = (postgres_cpu_secs() - from.database) / deliveries as f64 * 1e6;
             self.record(backend, scenario, "PostgreSQL CPU per delivery", per, "us", false);
+        } else {
+            let written = disk_write_bytes(&server.child.id().to_string()) - from.server_disk;
+            let per = written / deliveries as f64 / 1024.0;
+            self.record(backend, scenario, "server disk writes per delivery", per, "KiB", false);
         }
     }
 
@@ -755,6 +772,7 @@ impl Bench {
                 let mut ticker = tokio::time::interval(interval);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let mut tasks = Vec::with_capacity(n as usize);
+                let cpu = server.cpu();
                 for k in -warm..n as i64 {
                     ticker.tick().await;
                     let (server, sent) = (server.clone(), sent.clone());
@@ -768,6 +786,7 @@ impl Bench {
                 }
                 self.wait_for(&seen, n + warm as u64, max_wait).await?;
                 self.complete(backend, scenario, &seen, n)?;
+                self.record_cpu(backend, scenario, &server, cpu, n + warm as u64);
                 if (-warm..0).any(|k| !seen.arrivals.lock().expect("lock").contains_key(&k)) {
                     bail!("a warm-up event never arrived");
                 }

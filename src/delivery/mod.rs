@@ -26,6 +26,8 @@ const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
 /// Attempts sent and not yet recorded, per request slot (`--max-in-flight`): bounds the duplicates a crash
 /// can cause while commits run beside the requests.
 const UNRECORDED_PER_SLOT: usize = 2;
+/// How long successful attempt results gather before they are committed together.
+const RECORD_LINGER: Duration = Duration::from_millis(10);
 /// Most deliveries one scheduler claim takes.
 const CLAIM_BATCH: usize = 512;
 
@@ -298,8 +300,23 @@ impl Engine {
     /// delivery from being attempted elsewhere meanwhile, and if this process dies the lease expires instead.
     async fn record(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<(AttemptRecord, OwnedSemaphorePermit)>) {
         let disable_after = self.settings.disable_after.as_millis() as i64;
-        let mut batch = Vec::with_capacity(1024);
-        while rx.recv_many(&mut batch, 1024).await > 0 {
+        // A full batch is half the unrecorded slots, so the dispatcher never waits on a batch still gathering.
+        let full = (self.settings.max_in_flight * UNRECORDED_PER_SLOT / 2).clamp(1, 1024);
+        let mut batch = Vec::with_capacity(full);
+        while rx.recv_many(&mut batch, full).await > 0 {
+            // Successes gather for up to RECORD_LINGER: one commit then carries many of them, rather than one
+            // commit (and one set of rewritten pages) for each at a low rate. A failure goes at once, because
+            // its retry is due when recorded.
+            let linger = tokio::time::Instant::now() + RECORD_LINGER;
+            let failed = |new: &[(AttemptRecord, _)]| new.iter().any(|(r, _)| r.outcome != Outcome::Delivered);
+            let mut failure = failed(&batch);
+            while !failure && batch.len() < full {
+                let (before, room) = (batch.len(), full - batch.len());
+                match tokio::time::timeout_at(linger, rx.recv_many(&mut batch, room)).await {
+                    Ok(n) if n > 0 => failure = failed(&batch[before..]),
+                    _ => break,
+                }
+            }
             let (records, slots): (Vec<AttemptRecord>, Vec<OwnedSemaphorePermit>) = batch.drain(..).unzip();
             let retries = records.iter().any(|r| matches!(r.outcome, Outcome::RetryAt(_)));
             let mut backoff = Duration::from_millis(50);
