@@ -3,7 +3,7 @@
 //! the scheduler reads the database only for retries that come due, expired leases and overflow.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,8 @@ pub struct Engine {
     held: AtomicUsize,
     /// Set when the scheduler left due work in the database for lack of room.
     starved: AtomicBool,
+    /// When an operator last asked for deliveries to be attempted now (ms since the epoch).
+    kicked_at: AtomicI64,
     wake: Notify,
     keys: Mutex<HashMap<i64, CachedKeys>>,
     /// Callback URLs as parsed: a subscription's URL is parsed once, not on every attempt.
@@ -81,6 +83,7 @@ impl Engine {
             queue,
             held: AtomicUsize::new(0),
             starved: AtomicBool::new(false),
+            kicked_at: AtomicI64::new(i64::MIN),
             wake: Notify::new(),
             keys: Mutex::new(HashMap::new()),
             urls: Mutex::new(HashMap::new()),
@@ -135,7 +138,17 @@ impl Engine {
 
     /// Wakes the scheduler: operators asked for deliveries to be attempted now.
     pub fn kick(&self) {
+        self.kicked_at.store(now_ms(), Ordering::Relaxed);
         self.wake.notify_one();
+    }
+
+    /// An operator's retry may have found its delivery mid-attempt: held here, so the scheduler could not take
+    /// it then. The attempt's result leaves it due (the retry stands), so results recorded until every attempt
+    /// that was in flight at the retry has finished wake the scheduler again, rather than leaving the
+    /// delivery for its next poll.
+    fn kicked_recently(&self) -> bool {
+        let window = self.settings.attempt_timeout.as_millis() as i64 + RECORD_LINGER.as_millis() as i64 + 1000;
+        now_ms().saturating_sub(self.kicked_at.load(Ordering::Relaxed)) <= window
     }
 
     /// Forgets the cached keys of an application after a new key was created.
@@ -332,7 +345,7 @@ impl Engine {
             }
             self.held.fetch_sub(records.len(), Ordering::Relaxed);
             drop(slots);
-            if retries || self.starved.load(Ordering::Relaxed) {
+            if retries || self.starved.load(Ordering::Relaxed) || self.kicked_recently() {
                 self.wake.notify_one();
             }
         }

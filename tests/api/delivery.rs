@@ -21,7 +21,8 @@ crate::on_both!(
     exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_repaired,
     deliveries_can_be_listed_filtered_and_paged,
     standard_webhooks_headers_when_enabled,
-    shutdown_waits_for_in_flight_attempts
+    shutdown_waits_for_in_flight_attempts,
+    a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends
 );
 
 const SECS: Duration = Duration::from_secs(10);
@@ -505,4 +506,43 @@ async fn shutdown_waits_for_in_flight_attempts(b: Backend) {
         d[0].state, "delivered",
         "the attempt in flight finished and was recorded before exit"
     );
+}
+
+/// An operator retries a delivery while its first attempt is still waiting for the receiver's answer: the
+/// delivery is sent again as soon as that attempt ends, not at the scheduler's next poll (a minute here).
+async fn a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends(b: Backend) {
+    let app = TestApp::on_with(b, |a| a.poll_interval = Duration::from_secs(60)).await;
+    let rx = Receiver::start().await;
+    rx.respond(|n| {
+        (
+            200,
+            vec![],
+            if n == 0 {
+                Duration::from_millis(800)
+            } else {
+                Duration::ZERO
+            },
+        )
+    });
+    app.subscribe("webinar.created", &rx.url).await;
+    app.publish(webinar(1)).await;
+    rx.wait_for(1, SECS).await;
+    let id = app.deliveries("limit=1").await[0]["id"].as_i64().unwrap();
+    assert_eq!(
+        app.delivery(id).await["attempts"],
+        0,
+        "the first attempt is still waiting for its answer"
+    );
+    assert_eq!(
+        app.admin(Method::POST, &format!("/deliveries/{id}/retry"), None)
+            .await
+            .status(),
+        202
+    );
+    rx.wait_for(2, SECS).await;
+    crate::support::eventually("both attempts logged, the delivery delivered", SECS, || async {
+        let d = app.delivery(id).await;
+        d["state"] == "delivered" && d["attemptLog"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
 }
