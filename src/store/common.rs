@@ -458,8 +458,7 @@ impl Store for $store {
             RetryTarget::FailedOfSubscription(k) => ("subscription_key = $2 AND state = 'failed'", k.to_string()),
         };
         let sql = format!(
-            "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, lease_owner = NULL, lease_until = 0, \
-             updated_at = $1 WHERE {cond}"
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, updated_at = $1 WHERE {cond}"
         );
         let mut q = sqlx::query(&sql).bind(now_ms());
         q = match target {

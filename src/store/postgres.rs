@@ -370,8 +370,11 @@ sql_store!(PgStore, Postgres, PgRow, {
 
         // The attempts, the deliveries' new states and the end of their subscriptions' failure clocks: one
         // statement, so the usual all-delivered batch is one round trip and its own transaction. A delivery
-        // changed after its attempt started (an operator's retry or redeliver) keeps its new state, due time
-        // and lease: the attempt is logged, and the delivery is attempted again as asked.
+        // changed after its attempt started (an operator's retry or redeliver) keeps its new state and due time:
+        // the attempt is logged, and the delivery is attempted again as asked. The recording node lets go of its
+        // lease either way (a retry leaves the lease alone, so the delivery is not claimed again while its
+        // attempt is in flight); a lease another node holds (it claimed the delivery after this one's lease
+        // expired) stays.
         let record = sqlx::query(
             "WITH u AS ( \
                SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
@@ -388,8 +391,8 @@ sql_store!(PgStore, Postgres, PgRow, {
                state = CASE WHEN d.updated_at > u.started THEN d.state ELSE u.state END, \
                attempts = GREATEST(d.attempts, u.number), \
                next_attempt_at = CASE WHEN d.updated_at > u.started THEN d.next_attempt_at ELSE u.next END, \
-               lease_owner = CASE WHEN d.updated_at > u.started THEN d.lease_owner END, \
-               lease_until = CASE WHEN d.updated_at > u.started THEN d.lease_until ELSE 0 END, \
+               lease_owner = CASE WHEN d.lease_owner <> u.node THEN d.lease_owner END, \
+               lease_until = CASE WHEN d.lease_owner <> u.node THEN d.lease_until ELSE 0 END, \
                last_status = u.status, last_error = u.error, \
                updated_at = CASE WHEN d.updated_at > u.started THEN d.updated_at ELSE $11 END \
              FROM u WHERE d.id = u.id",

@@ -539,10 +539,24 @@ async fn a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends(b: Backend
             .status(),
         202
     );
-    rx.wait_for(2, SECS).await;
+    let got = rx.wait_for(2, SECS).await;
+    assert!(
+        got[1].at.duration_since(got[0].at) >= Duration::from_millis(800),
+        "the retry is sent once the attempt in flight has its answer, not beside it: {:?} apart",
+        got[1].at.duration_since(got[0].at)
+    );
     crate::support::eventually("both attempts logged, the delivery delivered", SECS, || async {
         let d = app.delivery(id).await;
         d["state"] == "delivered" && d["attemptLog"].as_array().map(Vec::len) == Some(2)
     })
     .await;
+    let d = app.delivery(id).await;
+    let mut numbers: Vec<i64> = d["attemptLog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["number"].as_i64().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2], "{d}");
 }

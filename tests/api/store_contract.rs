@@ -296,6 +296,13 @@ async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
     // The attempts started before the retry below (a second earlier, whatever the clock's resolution).
     let started_at = g2w_webhooks::domain::now_ms() - 1000;
     assert_eq!(s.retry_deliveries(RetryTarget::Delivery(jobs[0].id)).await.unwrap(), 1);
+    assert!(
+        s.claim_due(g2w_webhooks::domain::now_ms(), &lease("m", 60_000), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a retried delivery is not claimed again while its attempt is in flight"
+    );
     let delivered = |id: i64| AttemptRecord {
         delivery_id: id,
         subscription_key: sk.clone(),
