@@ -18,6 +18,15 @@ use crate::domain::{format_ms, new_key, now_ms, State};
 /// The channel that announces deliveries any node may take.
 const WORK_CHANNEL: &str = "g2w_work";
 
+/// Wakes the idle workers of every node: deliveries nobody holds are due.
+async fn notify_work<'e>(db: impl sqlx::PgExecutor<'e>) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(WORK_CHANNEL)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 pub struct PgStore {
     read: PgPool,
     write: PgPool,
@@ -196,10 +205,7 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
     }
     if lease.is_none() && jobs.values().any(|j| !j.is_empty()) {
         // Deliveries nobody holds: wake the workers of every node.
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(WORK_CHANNEL)
-            .execute(pool)
-            .await?;
+        notify_work(pool).await?;
     }
     // A key repeated within the group is a duplicate of its first occurrence.
     let mut created_here: HashMap<&str, i64> = HashMap::new();
@@ -374,7 +380,8 @@ sql_store!(PgStore, Postgres, PgRow, {
         // the attempt is logged, and the delivery is attempted again as asked. The recording node lets go of its
         // lease either way (a retry leaves the lease alone, so the delivery is not claimed again while its
         // attempt is in flight); a lease another node holds (it claimed the delivery after this one's lease
-        // expired) stays.
+        // expired) stays. It answers how many such retried deliveries are now free, so the workers of every
+        // node are told (the retry may have been asked of another node, which found the delivery leased).
         let record = sqlx::query(
             "WITH u AS ( \
                SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
@@ -386,7 +393,8 @@ sql_store!(PgStore, Postgres, PgRow, {
                SELECT id, number, node, started, duration, status, error, excerpt FROM u), \
              s AS ( \
                UPDATE user_subscriptions SET failing_since = NULL \
-               WHERE subscription_key = ANY($12) AND failing_since IS NOT NULL) \
+               WHERE subscription_key = ANY($12) AND failing_since IS NOT NULL), \
+             r AS ( \
              UPDATE deliveries d SET \
                state = CASE WHEN d.updated_at > u.started THEN d.state ELSE u.state END, \
                attempts = GREATEST(d.attempts, u.number), \
@@ -395,7 +403,8 @@ sql_store!(PgStore, Postgres, PgRow, {
                lease_until = CASE WHEN d.lease_owner <> u.node THEN d.lease_until ELSE 0 END, \
                last_status = u.status, last_error = u.error, \
                updated_at = CASE WHEN d.updated_at > u.started THEN d.updated_at ELSE $11 END \
-             FROM u WHERE d.id = u.id",
+             FROM u WHERE d.id = u.id RETURNING d.state, d.updated_at) \
+             SELECT count(*) FILTER (WHERE state = 'pending' AND updated_at <> $11) FROM r",
         )
         // Planned on every execution: a plan kept from when the table was small (a fresh database) joins by
         // scanning every delivery, and a kept plan is only replaced once autovacuum analyzes the table.
@@ -413,7 +422,13 @@ sql_store!(PgStore, Postgres, PgRow, {
         .bind(now)
         .bind(&delivered);
         if failing.is_empty() && gone.is_empty() {
-            record.execute(&self.write).await?;
+            let superseded: i64 = record.fetch_one(&self.write).await?.try_get(0)?;
+            if superseded > 0 {
+                // Committed already: if the notification fails, the workers find the delivery at their next poll.
+                if let Err(e) = notify_work(&self.write).await {
+                    tracing::warn!(error = %e, "could not notify the workers of a retried delivery");
+                }
+            }
             return Ok(());
         }
         let mut tx = self.write.begin().await?;
@@ -428,7 +443,7 @@ sql_store!(PgStore, Postgres, PgRow, {
             .execute(&mut *tx)
             .await?;
         }
-        record.execute(&mut *tx).await?;
+        let superseded: i64 = record.fetch_one(&mut *tx).await?.try_get(0)?;
         if !failing.is_empty() {
             sqlx::query(
                 "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
@@ -454,11 +469,8 @@ sql_store!(PgStore, Postgres, PgRow, {
             .execute(&mut *tx)
             .await?;
         }
-        if results.iter().any(|r| matches!(r.outcome, Outcome::RetryAt(_))) {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(WORK_CHANNEL)
-                .execute(&mut *tx)
-                .await?;
+        if superseded > 0 || results.iter().any(|r| matches!(r.outcome, Outcome::RetryAt(_))) {
+            notify_work(&mut *tx).await?;
         }
         tx.commit().await?;
         self.commits.observe_since(clock);

@@ -240,3 +240,54 @@ async fn a_node_recovers_when_its_database_returns() {
         .collect();
     assert!((0..50).chain(100..150).all(|k| keys.contains(&k)));
 }
+
+/// An operator asks one node to retry a delivery while another node's attempt of it waits for the receiver: the
+/// delivery is not taken beside that attempt, and once the attempt ends it is sent again at once (its node tells
+/// the others), not at a worker's next poll.
+#[tokio::test]
+async fn a_retry_asked_of_another_node_mid_attempt_follows_that_attempt() {
+    let Some(url) = postgres("a_retry_asked_of_another_node_mid_attempt_follows_that_attempt") else {
+        return;
+    };
+    let slow_poll = |a: &mut g2w_webhooks::config::ServeArgs| a.poll_interval = Duration::from_secs(60);
+    let a = TestApp::on_with(Backend::Postgres(url), slow_poll).await;
+    let b = a.join(slow_poll).await;
+    let rx = Receiver::start().await;
+    rx.respond(|n| {
+        let wait = if n == 0 {
+            Duration::from_millis(800)
+        } else {
+            Duration::ZERO
+        };
+        (200, vec![], wait)
+    });
+    a.subscribe("webinar.created", &rx.url).await;
+    a.publish(events(1, 1)).await;
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    let id = b.deliveries("limit=1").await[0]["id"].as_i64().unwrap();
+    assert_eq!(
+        b.admin(Method::POST, &format!("/deliveries/{id}/retry"), None)
+            .await
+            .status(),
+        202
+    );
+    let got = rx.wait_for(2, Duration::from_secs(10)).await;
+    let apart = got[1].at.duration_since(got[0].at);
+    assert!(
+        apart >= Duration::from_millis(800) && apart < Duration::from_secs(5),
+        "sent again once the first attempt ended, well before a poll: {apart:?} apart"
+    );
+    eventually("both attempts logged", Duration::from_secs(10), || async {
+        a.delivery(id).await["attemptLog"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    let mut numbers: Vec<i64> = a.delivery(id).await["attemptLog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["number"].as_i64().unwrap())
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2]);
+    assert_no_overlapping_attempts(&a.db_url).await;
+}
