@@ -253,14 +253,7 @@ async fn a_retry_asked_of_another_node_mid_attempt_follows_that_attempt() {
     let a = TestApp::on_with(Backend::Postgres(url), slow_poll).await;
     let b = a.join(slow_poll).await;
     let rx = Receiver::start().await;
-    rx.respond(|n| {
-        let wait = if n == 0 {
-            Duration::from_millis(800)
-        } else {
-            Duration::ZERO
-        };
-        (200, vec![], wait)
-    });
+    rx.answer_first_after(Duration::from_millis(800));
     a.subscribe("webinar.created", &rx.url).await;
     a.publish(events(1, 1)).await;
     rx.wait_for(1, Duration::from_secs(10)).await;

@@ -247,13 +247,7 @@ async fn failures_are_retried_and_every_attempt_logged(b: Backend) {
 async fn a_slow_receiver_times_out_and_is_retried(b: Backend) {
     let app = TestApp::on_with(b, |a| a.attempt_timeout = Duration::from_millis(300)).await;
     let rx = Receiver::start().await;
-    rx.respond(|n| {
-        (
-            200,
-            vec![],
-            if n == 0 { Duration::from_secs(2) } else { Duration::ZERO },
-        )
-    });
+    rx.answer_first_after(Duration::from_secs(2));
     app.subscribe("webinar.created", &rx.url).await;
     app.publish(webinar(1)).await;
     rx.wait_for(2, SECS).await;
@@ -513,17 +507,7 @@ async fn shutdown_waits_for_in_flight_attempts(b: Backend) {
 async fn a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends(b: Backend) {
     let app = TestApp::on_with(b, |a| a.poll_interval = Duration::from_secs(60)).await;
     let rx = Receiver::start().await;
-    rx.respond(|n| {
-        (
-            200,
-            vec![],
-            if n == 0 {
-                Duration::from_millis(800)
-            } else {
-                Duration::ZERO
-            },
-        )
-    });
+    rx.answer_first_after(Duration::from_millis(800));
     app.subscribe("webinar.created", &rx.url).await;
     app.publish(webinar(1)).await;
     rx.wait_for(1, SECS).await;

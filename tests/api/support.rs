@@ -340,6 +340,11 @@ impl Receiver {
         *self.state.behaviour.lock().expect("lock") = Arc::new(b);
     }
 
+    /// Answers 200 to every callback; the first answer comes only after `wait`.
+    pub fn answer_first_after(&self, wait: Duration) {
+        self.respond(move |n| (200, vec![], if n == 0 { wait } else { Duration::ZERO }));
+    }
+
     pub fn answer_get(&self, status: u16) {
         *self.state.get_status.lock().expect("lock") = status;
     }
