@@ -316,6 +316,25 @@ fn postgres_cpu_secs() -> f64 {
         .sum()
 }
 
+/// Clock ticks the whole machine has spent busy (user, nice, system, irq, softirq, steal) and in all, from the
+/// first line of `/proc/stat`.
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().sum();
+    // idle and iowait: fields 4 and 5 (guest time is counted inside user already).
+    let waiting = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    (total - waiting, total)
+}
+
 /// One webinar.created event as JSON text, written out directly: the publishers' cost per event stays small
 /// beside the server's.
 fn event(key: i64, organizer: i64) -> String {
@@ -333,6 +352,8 @@ struct Cpu {
     database: f64,
     /// This process: the publishers and the receiver.
     bench: f64,
+    /// The whole machine's busy and total clock ticks.
+    machine: (f64, f64),
 }
 
 struct Server {
@@ -356,6 +377,7 @@ impl Server {
             server: self.cpu_secs(),
             database: postgres_cpu_secs(),
             bench: cpu_secs("self"),
+            machine: machine_ticks(),
         }
     }
 
@@ -420,6 +442,8 @@ struct Bench {
     figures: Vec<Figure>,
     /// The ceiling measured before the current scenario.
     ceiling: f64,
+    /// The CPU time per request of that ceiling, in us (client and receiver together).
+    ceiling_cpu: f64,
 }
 
 fn free_port() -> u16 {
@@ -445,23 +469,44 @@ impl Bench {
         }
     }
 
-    /// The server's (and PostgreSQL's) CPU time per delivery since `from`.
+    /// The server's (and PostgreSQL's) CPU time per delivery since `from`, how busy the machine was, and, where
+    /// a ceiling was measured, the share of it this CPU per delivery allows with both cores fully used.
     fn record_cpu(&mut self, backend: &str, scenario: &str, server: &Server, from: Cpu, deliveries: u64) {
-        let per = (server.cpu_secs() - from.server) / deliveries as f64 * 1e6;
-        self.record(backend, scenario, "server CPU per delivery", per, "us", false);
-        let per = (cpu_secs("self") - from.bench) / deliveries as f64 * 1e6;
+        let (busy, total) = machine_ticks();
+        if total > from.machine.1 {
+            let share = (busy - from.machine.0) / (total - from.machine.1) * 100.0;
+            self.record(backend, scenario, "machine busy (every process)", share, "%", false);
+        }
+        let server_us = (server.cpu_secs() - from.server) / deliveries as f64 * 1e6;
+        self.record(backend, scenario, "server CPU per delivery", server_us, "us", false);
+        let bench_us = (cpu_secs("self") - from.bench) / deliveries as f64 * 1e6;
         self.record(
             backend,
             scenario,
             "load generator CPU per delivery (publishers + receiver)",
-            per,
+            bench_us,
             "us",
             false,
         );
+        let mut all_us = server_us + bench_us;
         if backend == "postgres" {
             let per = (postgres_cpu_secs() - from.database) / deliveries as f64 * 1e6;
+            all_us += per;
             self.record(backend, scenario, "PostgreSQL CPU per delivery", per, "us", false);
-        } else {
+        }
+        if scenario != "latency" && all_us > 0.0 {
+            // The ceiling spends `ceiling_cpu` per request; a delivery here costs `all_us` of the same two cores.
+            let bound = self.ceiling_cpu / all_us * 100.0;
+            self.record(
+                backend,
+                scenario,
+                "bound from CPU: ceiling's CPU per request / CPU per delivery",
+                bound,
+                "%",
+                false,
+            );
+        }
+        if backend != "postgres" {
             let written = disk_write_bytes(&server.child.id().to_string()) - from.server_disk;
             let per = written / deliveries as f64 / 1024.0;
             self.record(backend, scenario, "server disk writes per delivery", per, "KiB", false);
@@ -688,9 +733,23 @@ impl Bench {
             ceiling_seen.record_arrivals.store(true, Ordering::Relaxed);
             let ceiling_url = start_receiver(ceiling_seen).await?;
             let requests = if a.smoke { 5000 } else { a.events.min(100_000) };
+            let machine = machine_ticks();
             let (rate, cpu) = ceiling(&ceiling_url, requests, a.max_in_flight).await?;
+            let (busy, total) = machine_ticks();
             self.ceiling = rate;
+            self.ceiling_cpu = cpu;
             self.record(backend, scenario, "ceiling: receiver driven directly", rate, "/s", true);
+            if total > machine.1 {
+                let share = (busy - machine.0) / (total - machine.1) * 100.0;
+                self.record(
+                    backend,
+                    scenario,
+                    "ceiling: machine busy (every process)",
+                    share,
+                    "%",
+                    false,
+                );
+            }
             self.record(
                 backend,
                 scenario,
@@ -989,6 +1048,7 @@ async fn main() -> anyhow::Result<()> {
         bin,
         figures: Vec::new(),
         ceiling: 0.0,
+        ceiling_cpu: 0.0,
         args,
     };
     let backends = bench.args.backends.clone();
@@ -1033,6 +1093,22 @@ mod tests {
         assert_eq!(v["times"][0]["endTime"], "2030-01-01T11:00:00Z");
         let k: KeyOnly = serde_json::from_str(&event(42, 7)).expect("the receiver's view");
         assert_eq!(k.webinar_key, 42);
+    }
+
+    #[test]
+    fn the_machine_counts_a_busy_core_as_busy() {
+        let (busy, total) = machine_ticks();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(200) {
+            std::hint::black_box(spin.elapsed());
+        }
+        let (busy2, total2) = machine_ticks();
+        // 200 ms on one core: about 20 ticks of USER_HZ 100, busy, out of at least as many in all.
+        assert!(busy2 - busy >= 10.0, "busy ticks {busy} -> {busy2}");
+        assert!(
+            total2 - total >= busy2 - busy,
+            "total {total} -> {total2}, busy {busy} -> {busy2}"
+        );
     }
 
     #[test]
