@@ -134,6 +134,11 @@ pub struct ServeArgs {
     #[arg(long, env = "G2W_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
 
+    /// How long finished deliveries (delivered or failed), their attempts and their events are kept, counted
+    /// from when they finished; `off` keeps everything. Pending deliveries are never removed.
+    #[arg(long, env = "G2W_RETENTION", default_value = "30d", value_parser = parse_retention)]
+    pub retention: Retention,
+
     /// How long shutdown waits for in-flight attempts to finish.
     #[arg(long, env = "G2W_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -294,6 +299,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// `--retention`: a duration, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<Duration>);
+
+pub fn parse_retention(s: &str) -> Result<Retention, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(Retention(None));
+    }
+    match parse_duration(s)? {
+        d if d.is_zero() => {
+            Err("a retention of zero would remove deliveries as they finish; use `off` to keep everything".into())
+        }
+        d => Ok(Retention(Some(d))),
+    }
+}
+
 pub fn parse_schedule(s: &str) -> Result<Schedule, String> {
     if s.trim().is_empty() {
         return Ok(Schedule(Vec::new()));
@@ -322,6 +343,13 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5y").is_err());
+        assert_eq!(
+            parse_retention("30d"),
+            Ok(Retention(Some(Duration::from_secs(30 * 86_400))))
+        );
+        assert_eq!(parse_retention("OFF"), Ok(Retention(None)));
+        assert!(parse_retention("0s").is_err());
+        assert!(parse_retention("forever").is_err());
         let s = parse_schedule("5s,30s,2m").expect("parses");
         assert_eq!(s.0.len(), 3);
     }

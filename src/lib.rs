@@ -138,6 +138,14 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     let (engine, rx) = Engine::new(store.clone(), settings, metrics);
     let workers = (role != Role::Api).then(|| engine.start(rx, shutdown.child_token()));
+    if let (Some(retention), true) = (args.retention.0, role != Role::Api) {
+        tokio::spawn(delivery::retention::run(
+            store.clone(),
+            retention,
+            engine.metrics.clone(),
+            shutdown.child_token(),
+        ));
+    }
     let state = http::AppState {
         store,
         engine,

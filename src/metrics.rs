@@ -73,6 +73,8 @@ pub struct Metrics {
     pub events_accepted: AtomicU64,
     pub events_duplicate: AtomicU64,
     pub deliveries_created: AtomicU64,
+    pub pruned_deliveries: AtomicU64,
+    pub pruned_events: AtomicU64,
     attempts: [AtomicU64; 4],
     attempt_seconds: Histogram,
 }
@@ -83,6 +85,8 @@ impl Default for Metrics {
             events_accepted: AtomicU64::new(0),
             events_duplicate: AtomicU64::new(0),
             deliveries_created: AtomicU64::new(0),
+            pruned_deliveries: AtomicU64::new(0),
+            pruned_events: AtomicU64::new(0),
             attempts: Default::default(),
             attempt_seconds: Histogram::new(&ATTEMPT_BUCKETS),
         }
@@ -124,6 +128,18 @@ impl Metrics {
             "g2w_deliveries_created_total",
             "Deliveries created by fan-out.",
             self.deliveries_created.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "g2w_deliveries_pruned_total",
+            "Finished deliveries removed (with their attempts) once past the retention period.",
+            self.pruned_deliveries.load(Relaxed),
+        );
+        counter(
+            &mut s,
+            "g2w_events_pruned_total",
+            "Events removed once past the retention period with no delivery left.",
+            self.pruned_events.load(Relaxed),
         );
         let _ = writeln!(
             s,

@@ -18,6 +18,7 @@ use crate::store::{AttemptRecord, DeliveryJob, DynStore, Lease, NewEvent, Outcom
 
 pub mod attempt;
 pub mod events;
+pub mod retention;
 
 use attempt::{Attempt, RetryPolicy};
 

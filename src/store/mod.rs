@@ -134,6 +134,14 @@ pub struct AttemptRow {
     pub response_excerpt: Option<String>,
 }
 
+/// What one pass of retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub deliveries: u64,
+    pub attempts: u64,
+    pub events: u64,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueStats {
     pub waiting: i64,
@@ -192,6 +200,11 @@ pub trait Store: Send + Sync + 'static {
     /// Makes matching deliveries pending and due now; returns how many.
     async fn retry_deliveries(&self, filter: RetryTarget<'_>) -> Result<u64>;
     async fn queue_stats(&self) -> Result<QueueStats>;
+    /// Retention: removes up to `limit` deliveries that ended (delivered or failed) before `before` (ms), with
+    /// their attempts, and the events published before `before` that no delivery refers to any more (those
+    /// whose last deliveries go now, and up to `limit` that had none). Pending deliveries and their events stay,
+    /// however old.
+    async fn prune(&self, before: i64, limit: i64) -> Result<Pruned>;
 
     /// Calls `wake` whenever another node makes deliveries available (PostgreSQL `LISTEN/NOTIFY`). A single
     /// SQLite process has no other nodes.

@@ -291,6 +291,10 @@ fn listen(pool: PgPool, wake: WorkSignal) {
     });
 }
 
+/// The advisory lock a node holds while it prunes (`g2wR` in ASCII), with the schema's hash as its second
+/// half: deployments in separate schemas of one database prune independently.
+pub const RETENTION_LOCK: i32 = 0x6732_7752;
+
 sql_store!(PgStore, Postgres, PgRow, {
     async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
         let (reply, rx) = oneshot::channel();
@@ -486,6 +490,52 @@ sql_store!(PgStore, Postgres, PgRow, {
         .execute(&self.write)
         .await?
         .rows_affected())
+    }
+
+    async fn prune(&self, before: i64, limit: i64) -> Result<Pruned> {
+        // One node prunes a schema at a time: two passes that split one event's deliveries between them would each see
+        // the other's still there, and leave the event behind for good.
+        let mut tx = self.write.begin().await?;
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
+            .bind(RETENTION_LOCK)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !ours {
+            return Ok(Pruned::default());
+        }
+        // One statement. Its parts share one snapshot, in which the deliveries it deletes still exist: an event
+        // goes when no delivery outside those refers to it. Rows the delivery path has locked are left for the
+        // next pass rather than waited for.
+        let row = sqlx::query(
+            "WITH d AS ( \
+               DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
+                 WHERE created_at < $1 AND updated_at < $1 AND state IN ('delivered', 'failed') \
+                 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+               RETURNING id, event_key, created_at), \
+             a AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM d) RETURNING 1), \
+             k AS (SELECT DISTINCT event_key, created_at FROM d), \
+             e AS ( \
+               DELETE FROM events WHERE event_key IN ( \
+                 SELECT k.event_key FROM k WHERE NOT EXISTS (SELECT 1 FROM deliveries x \
+                   WHERE x.created_at = k.created_at AND x.event_key = k.event_key \
+                     AND x.id NOT IN (SELECT id FROM d))) \
+                 OR event_key IN (SELECT event_key FROM events \
+                   WHERE deliveries = 0 AND created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) \
+               RETURNING 1) \
+             SELECT (SELECT count(*) FROM d) AS deliveries, (SELECT count(*) FROM a) AS attempts, \
+               (SELECT count(*) FROM e) AS events",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let count = |c: &str| row.try_get::<i64, _>(c).map(|n| n as u64);
+        Ok(Pruned {
+            deliveries: count("deliveries")?,
+            attempts: count("attempts")?,
+            events: count("events")?,
+        })
     }
 
     fn commit_durations(&self) -> &Histogram {

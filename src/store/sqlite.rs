@@ -249,7 +249,13 @@ impl Hot {
              PRAGMA journal_size_limit = 67108864;"
         ))?;
         conn.set_prepared_statement_cache_capacity(4 * SHAPES + 16);
-        let next_id = conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries", [], |r| r.get(0))?;
+        // Past every id ever given, not only those still stored: retention may have removed the newest.
+        let next_id = conn.query_row(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM deliveries), 0), \
+               COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'deliveries'), 0)) + 1",
+            [],
+            |r| r.get(0),
+        )?;
         let next_event = conn.query_row("SELECT COALESCE(MAX(rowid), 0) + 1 FROM events", [], |r| r.get(0))?;
         Ok(Self {
             conn,
@@ -927,6 +933,60 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
         .execute(&self.write)
         .await?;
         Ok(n)
+    }
+
+    async fn prune(&self, before: i64, limit: i64) -> Result<Pruned> {
+        // On the management connection, beside the hot path's writer: a pass is a few short statements, and the
+        // first one writes, so the pass holds the write lock from its start and sees one state throughout.
+        let mut tx = self.write.begin().await?;
+        // Deliveries go first (to learn which), their attempts and events after: references are checked at commit.
+        sqlx::query("PRAGMA defer_foreign_keys = ON").execute(&mut *tx).await?;
+        let gone: Vec<(i64, String, i64)> = sqlx::query_as(
+            "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
+               WHERE created_at < $1 AND updated_at < $1 AND state IN ('delivered', 'failed') \
+               ORDER BY created_at LIMIT $2) \
+             RETURNING id, event_key, created_at",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids = serde_json::to_string(&gone.iter().map(|g| g.0).collect::<Vec<_>>())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let attempts = sqlx::query("DELETE FROM attempts WHERE delivery_id IN (SELECT value FROM json_each($1))")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        let mut events: Vec<(&str, i64)> = gone.iter().map(|g| (g.1.as_str(), g.2)).collect();
+        events.sort_unstable();
+        events.dedup();
+        let events = serde_json::to_string(&events).map_err(|e| Error::Internal(e.to_string()))?;
+        // An event's deliveries share its created_at, which is indexed.
+        let mut removed = sqlx::query(
+            "DELETE FROM events WHERE event_key IN (SELECT k.value ->> 0 FROM json_each($1) k \
+               WHERE NOT EXISTS (SELECT 1 FROM deliveries d \
+                 WHERE d.created_at = k.value ->> 1 AND d.event_key = k.value ->> 0))",
+        )
+        .bind(&events)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        removed += sqlx::query(
+            "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events \
+               WHERE deliveries = 0 AND created_at < $1 LIMIT $2)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Pruned {
+            deliveries: gone.len() as u64,
+            attempts,
+            events: removed,
+        })
     }
 
     async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {

@@ -284,3 +284,47 @@ async fn a_retry_asked_of_another_node_mid_attempt_follows_that_attempt() {
     assert_eq!(numbers, [1, 2]);
     assert_no_overlapping_attempts(&a.db_url).await;
 }
+
+/// Retention on several nodes: while one node holds the schema's retention lock, another's pass stands aside
+/// (two passes splitting one event's deliveries would each leave the event behind); then it prunes.
+#[tokio::test]
+async fn one_node_at_a_time_prunes() {
+    let Some(base) = postgres("one_node_at_a_time_prunes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = Backend::Postgres(base).fresh_url(dir.path()).await;
+    let app = TestApp::start_on_url(url.clone(), dir).await;
+    let rx = Receiver::start().await;
+    app.subscribe("webinar.created", &rx.url).await;
+    app.publish(events(1, 3)).await;
+    rx.wait_for(3, Duration::from_secs(10)).await;
+    eventually("all delivered", Duration::from_secs(10), || async {
+        app.deliveries("state=delivered").await.len() == 3
+    })
+    .await;
+
+    let store = g2w_webhooks::store::connect(&url, 2, "full").await.unwrap();
+    let later = g2w_webhooks::domain::now_ms() + 1000;
+    let other = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut held = other.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))")
+        .bind(g2w_webhooks::store::postgres::RETENTION_LOCK)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    assert_eq!(store.prune(later, 1000).await.unwrap().deliveries, 0);
+    held.commit().await.unwrap();
+    // The node's own retention check (once a minute) may hold the lock for a moment too.
+    let mut pruned = (0, 0, 0);
+    for _ in 0..100 {
+        let p = store.prune(later, 1000).await.unwrap();
+        pruned = (pruned.0 + p.deliveries, pruned.1 + p.attempts, pruned.2 + p.events);
+        if pruned.0 == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pruned, (3, 3, 3));
+    assert!(app.deliveries("").await.is_empty());
+}

@@ -22,7 +22,8 @@ crate::on_both!(
     deliveries_can_be_listed_filtered_and_paged,
     standard_webhooks_headers_when_enabled,
     shutdown_waits_for_in_flight_attempts,
-    a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends
+    a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends,
+    delivered_deliveries_are_removed_once_past_the_retention
 );
 
 const SECS: Duration = Duration::from_secs(10);
@@ -543,4 +544,56 @@ async fn a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends(b: Backend
         .collect();
     numbers.sort_unstable();
     assert_eq!(numbers, [1, 2], "{d}");
+}
+
+/// With `--retention 1s` a delivered delivery, its attempts and its event are gone within seconds of being
+/// delivered, counted in `/metrics`; the event's key is then accepted as new. One still failing stays.
+async fn delivered_deliveries_are_removed_once_past_the_retention(b: Backend) {
+    let app = TestApp::on_with(b, |a| {
+        a.retention = g2w_webhooks::config::Retention(Some(Duration::from_secs(1)));
+        a.retry_schedule = g2w_webhooks::config::parse_schedule("1h").unwrap();
+    })
+    .await;
+    let ok = Receiver::start().await;
+    let failing = Receiver::start().await;
+    failing.respond(|_| (500, vec![], Duration::ZERO));
+    app.subscribe("webinar.created", &ok.url).await;
+    app.subscribe("webinar.changed", &failing.url).await;
+    let mut created = webinar(1);
+    created["eventKey"] = json!("kept-for-a-second");
+    app.publish(json!([created.clone(), {"eventName": "webinar.changed", "webinarKey": 2, "organizerKey": 1001}]))
+        .await;
+    ok.wait_for(1, SECS).await;
+    failing.wait_for(1, SECS).await;
+    let all = app.deliveries("").await;
+    assert_eq!(all.len(), 2);
+    let id_of = |event: &str| {
+        all.iter()
+            .find(|d| d["eventName"] == event)
+            .and_then(|d| d["id"].as_i64())
+            .unwrap()
+    };
+    let (delivered, pending) = (id_of("webinar.created"), id_of("webinar.changed"));
+    crate::support::eventually("the delivered one removed", SECS, || async {
+        app.admin(Method::GET, &format!("/deliveries/{delivered}"), None)
+            .await
+            .status()
+            == 404
+    })
+    .await;
+    assert_eq!(app.delivery(pending).await["state"], "pending");
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("g2w_deliveries_pruned_total 1"), "{metrics}");
+    assert!(metrics.contains("g2w_events_pruned_total 1"), "{metrics}");
+    let again = app.publish(created).await;
+    assert_eq!(again["events"][0]["duplicate"], false, "{again}");
+    ok.wait_for(2, SECS).await;
 }

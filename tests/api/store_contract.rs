@@ -2,7 +2,9 @@
 
 use bytes::Bytes;
 use g2w_webhooks::domain::{EventName, NewSubscription, NewWebhook, State, Tenant, WebhookChange};
-use g2w_webhooks::store::{self, AttemptRecord, DeliveryFilter, DynStore, Lease, NewEvent, Outcome, RetryTarget};
+use g2w_webhooks::store::{
+    self, AttemptRecord, DeliveryFilter, DynStore, Lease, NewEvent, Outcome, Pruned, RetryTarget,
+};
 
 use crate::support::Backend;
 
@@ -13,7 +15,9 @@ crate::on_both!(
     claims_are_exclusive_until_the_lease_expires,
     attempts_move_deliveries_through_their_states,
     a_retry_asked_for_during_an_attempt_outlives_its_result,
-    a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again
+    a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again,
+    retention_removes_what_finished_before_the_cutoff_and_nothing_pending,
+    ids_of_removed_deliveries_are_not_given_again_after_a_restart
 );
 
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
@@ -389,4 +393,121 @@ async fn a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again(
         "the retry due in the past is claimed again"
     );
     assert!(rest.iter().filter(|id| **id != first[1].id).all(|id| seen.insert(*id)));
+}
+
+/// Retention removes finished deliveries with their attempts, and the events nothing refers to any more; a
+/// pending delivery stays however old, and so does its event. A removed event's key can be published again.
+async fn retention_removes_what_finished_before_the_cutoff_and_nothing_pending(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (_, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let published = s
+        .publish(
+            vec![
+                event("done", 7),
+                event("failed", 7),
+                event("waiting", 7),
+                event("nobody", 8),
+            ],
+            Some(lease("n", 60_000)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(published[3].deliveries, 0, "organizer 8 has no subscription");
+    let jobs: Vec<_> = published.into_iter().flat_map(|o| o.jobs).collect();
+    let now = g2w_webhooks::domain::now_ms();
+    let rec = |id: i64, outcome: Outcome| AttemptRecord {
+        delivery_id: id,
+        subscription_key: sk.clone(),
+        number: 1,
+        node: "n".into(),
+        started_at: now,
+        duration_ms: 3,
+        status_code: Some(500),
+        error: None,
+        response_excerpt: None,
+        outcome,
+    };
+    s.record_attempts(
+        vec![
+            rec(jobs[0].id, Outcome::Delivered),
+            rec(jobs[1].id, Outcome::Failed),
+            rec(jobs[2].id, Outcome::RetryAt(now + 60_000)),
+        ],
+        86_400_000,
+    )
+    .await
+    .unwrap();
+
+    // Nothing finished before a cutoff in the past.
+    assert_eq!(s.prune(now - 60_000, 1000).await.unwrap(), Pruned::default());
+    // A cutoff after everything: one delivery per pass at a limit of one, then the rest.
+    let later = g2w_webhooks::domain::now_ms() + 1000;
+    let first = s.prune(later, 1).await.unwrap();
+    assert_eq!((first.deliveries, first.attempts), (1, 1));
+    let rest = s.prune(later, 1000).await.unwrap();
+    assert_eq!((rest.deliveries, rest.attempts), (1, 1));
+    assert_eq!(
+        first.events + rest.events,
+        3,
+        "done, failed and nobody: {first:?} {rest:?}"
+    );
+    assert_eq!(s.prune(later, 1000).await.unwrap(), Pruned::default());
+
+    assert!(s.get_delivery(jobs[0].id).await.unwrap().is_none());
+    assert!(s.get_delivery(jobs[1].id).await.unwrap().is_none());
+    let (waiting, attempts) = s.get_delivery(jobs[2].id).await.unwrap().unwrap();
+    assert_eq!((waiting.state.as_str(), attempts.len()), ("pending", 1));
+    assert_eq!(s.queue_stats().await.unwrap().waiting, 1);
+
+    // The removed event's key is new again; the kept one is still a duplicate. New deliveries take new ids.
+    let again = s
+        .publish(vec![event("done", 7), event("waiting", 7)], Some(lease("n", 60_000)))
+        .await
+        .unwrap();
+    assert!(!again[0].duplicate && again[1].duplicate, "{again:?}");
+    assert!(again[0].jobs[0].id > jobs[2].id);
+}
+
+/// Retention may remove the newest deliveries (a quiet service): a restarted store still numbers new ones past
+/// them, so an id an operator noted never names another delivery.
+async fn ids_of_removed_deliveries_are_not_given_again_after_a_restart(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = b.fresh_url(dir.path()).await;
+    let s = store::connect(&url, 4, "normal").await.unwrap();
+    subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let jobs: Vec<_> = s
+        .publish(vec![event("one", 7), event("two", 7)], Some(lease("n", 60_000)))
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|o| o.jobs)
+        .collect();
+    let newest = jobs.iter().map(|j| j.id).max().unwrap();
+    let now = g2w_webhooks::domain::now_ms();
+    let delivered = jobs
+        .iter()
+        .map(|j| AttemptRecord {
+            delivery_id: j.id,
+            subscription_key: j.subscription_key.clone(),
+            number: 1,
+            node: "n".into(),
+            started_at: now,
+            duration_ms: 1,
+            status_code: Some(200),
+            error: None,
+            response_excerpt: None,
+            outcome: Outcome::Delivered,
+        })
+        .collect();
+    s.record_attempts(delivered, 86_400_000).await.unwrap();
+    let pruned = s.prune(g2w_webhooks::domain::now_ms() + 1000, 1000).await.unwrap();
+    assert_eq!(pruned.deliveries, 2);
+    drop(s);
+
+    let s = store::connect(&url, 4, "normal").await.unwrap();
+    let again = s
+        .publish(vec![event("three", 7)], Some(lease("n", 60_000)))
+        .await
+        .unwrap();
+    assert!(again[0].jobs[0].id > newest, "{} after {newest}", again[0].jobs[0].id);
 }
