@@ -123,6 +123,12 @@ enum WriteOp {
         disable_after_ms: i64,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// A retention pass: a transaction of its own, apart from the group it arrived with.
+    Prune {
+        before: i64,
+        limit: i64,
+        reply: oneshot::Sender<Result<Pruned>>,
+    },
 }
 
 /// Most operations one group commit carries.
@@ -273,7 +279,19 @@ impl Hot {
 fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate, commits: &Histogram) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
-        let ops: Vec<WriteOp> = std::mem::take(&mut batch);
+        let (prunes, ops): (Vec<WriteOp>, Vec<WriteOp>) = std::mem::take(&mut batch)
+            .into_iter()
+            .partition(|op| matches!(op, WriteOp::Prune { .. }));
+        for op in prunes {
+            if let WriteOp::Prune { before, limit, reply } = op {
+                let pause = gate.blocking_lock();
+                let _ = reply.send(prune_rows(&mut hot.conn, before, limit));
+                drop(pause);
+            }
+        }
+        if ops.is_empty() {
+            continue;
+        }
         let started = Instant::now();
         let pause = gate.blocking_lock();
         let mut attempt = 0;
@@ -309,6 +327,7 @@ fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: G
                         WriteOp::Record { reply, .. } => {
                             let _ = reply.send(Ok(()));
                         }
+                        WriteOp::Prune { .. } => {}
                     }
                 }
             }
@@ -322,6 +341,7 @@ fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: G
                         WriteOp::Record { reply, .. } => {
                             let _ = reply.send(Err(e.for_each_of_a_group()));
                         }
+                        WriteOp::Prune { .. } => {}
                     }
                 }
             }
@@ -520,7 +540,7 @@ fn apply_batch_once(hot: &mut Hot, ops: &[WriteOp], held: &Held) -> Result<Vec<V
         .iter()
         .filter_map(|op| match op {
             WriteOp::Publish { events, lease, .. } => Some((events.as_slice(), lease.as_ref())),
-            WriteOp::Record { .. } => None,
+            WriteOp::Record { .. } | WriteOp::Prune { .. } => None,
         })
         .collect();
     let published = publish_all(&tx, &publishes, &mut hot.next_id, &mut hot.next_event)?;
@@ -546,6 +566,54 @@ fn apply_batch_once(hot: &mut Hot, ops: &[WriteOp], held: &Held) -> Result<Vec<V
     }
     tx.commit()?;
     Ok(published)
+}
+
+/// A retention pass on the hot connection, in a transaction of its own. That connection does not check
+/// foreign keys, which matters here: deliveries have no index on their event (see migration 0003), so
+/// checking each removed event's references would read every delivery. The pass keeps them by construction:
+/// a delivery's attempts go with it, and an event goes only when no delivery refers to it.
+fn prune_rows(conn: &mut rusqlite::Connection, before: i64, limit: i64) -> Result<Pruned> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let gone: Vec<(i64, String, i64)> = tx
+        .prepare_cached(
+            "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
+               WHERE created_at < ?1 AND updated_at < ?1 AND state IN ('delivered', 'failed') \
+               ORDER BY created_at LIMIT ?2) \
+             RETURNING id, event_key, created_at",
+        )?
+        .query_map(rusqlite::params![before, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let ids = serde_json::to_string(&gone.iter().map(|g| g.0).collect::<Vec<_>>())
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let attempts = tx
+        .prepare_cached("DELETE FROM attempts WHERE delivery_id IN (SELECT value FROM json_each(?1))")?
+        .execute([&ids])? as u64;
+    let mut keys: Vec<(&str, i64)> = gone.iter().map(|g| (g.1.as_str(), g.2)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let keys = serde_json::to_string(&keys).map_err(|e| Error::Internal(e.to_string()))?;
+    // An event's deliveries share its created_at, which is indexed.
+    let mut events = tx
+        .prepare_cached(
+            "DELETE FROM events WHERE event_key IN (SELECT k.value ->> 0 FROM json_each(?1) k \
+               WHERE NOT EXISTS (SELECT 1 FROM deliveries d \
+                 WHERE d.created_at = k.value ->> 1 AND d.event_key = k.value ->> 0))",
+        )?
+        .execute([&keys])? as u64;
+    events += tx
+        .prepare_cached(
+            "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events \
+               WHERE deliveries = 0 AND created_at < ?1 LIMIT ?2)",
+        )?
+        .execute(rusqlite::params![before, limit])? as u64;
+    tx.commit()?;
+    Ok(Pruned {
+        deliveries: gone.len() as u64,
+        attempts,
+        events,
+    })
 }
 
 /// Where one (organizer, event name) fans out to.
@@ -936,57 +1004,8 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
     }
 
     async fn prune(&self, before: i64, limit: i64) -> Result<Pruned> {
-        // On the management connection, beside the hot path's writer: a pass is a few short statements, and the
-        // first one writes, so the pass holds the write lock from its start and sees one state throughout.
-        let mut tx = self.write.begin().await?;
-        // Deliveries go first (to learn which), their attempts and events after: references are checked at commit.
-        sqlx::query("PRAGMA defer_foreign_keys = ON").execute(&mut *tx).await?;
-        let gone: Vec<(i64, String, i64)> = sqlx::query_as(
-            "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
-               WHERE created_at < $1 AND updated_at < $1 AND state IN ('delivered', 'failed') \
-               ORDER BY created_at LIMIT $2) \
-             RETURNING id, event_key, created_at",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let ids = serde_json::to_string(&gone.iter().map(|g| g.0).collect::<Vec<_>>())
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let attempts = sqlx::query("DELETE FROM attempts WHERE delivery_id IN (SELECT value FROM json_each($1))")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        let mut events: Vec<(&str, i64)> = gone.iter().map(|g| (g.1.as_str(), g.2)).collect();
-        events.sort_unstable();
-        events.dedup();
-        let events = serde_json::to_string(&events).map_err(|e| Error::Internal(e.to_string()))?;
-        // An event's deliveries share its created_at, which is indexed.
-        let mut removed = sqlx::query(
-            "DELETE FROM events WHERE event_key IN (SELECT k.value ->> 0 FROM json_each($1) k \
-               WHERE NOT EXISTS (SELECT 1 FROM deliveries d \
-                 WHERE d.created_at = k.value ->> 1 AND d.event_key = k.value ->> 0))",
-        )
-        .bind(&events)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        removed += sqlx::query(
-            "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events \
-               WHERE deliveries = 0 AND created_at < $1 LIMIT $2)",
-        )
-        .bind(before)
-        .bind(limit)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(Pruned {
-            deliveries: gone.len() as u64,
-            attempts,
-            events: removed,
-        })
+        let (reply, rx) = oneshot::channel();
+        ask(&self.writer, WriteOp::Prune { before, limit, reply }, rx).await
     }
 
     async fn record_attempts(&self, results: Vec<AttemptRecord>, disable_after_ms: i64) -> Result<()> {
@@ -1089,7 +1108,7 @@ mod tests {
         assert_eq!(
             pragma("foreign_keys"),
             "Integer(0)",
-            "the hot path keeps its references by construction"
+            "the hot path and retention keep their references by construction"
         );
         assert_eq!(
             pragma("wal_autocheckpoint"),
