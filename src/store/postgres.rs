@@ -504,7 +504,8 @@ sql_store!(PgStore, Postgres, PgRow, {
             return Ok(Pruned::default());
         }
         // One statement. Its parts share one snapshot, in which the deliveries it deletes still exist: an event
-        // goes when no delivery outside those refers to it. Rows the delivery path has locked are left for the
+        // goes when no delivery outside those refers to it. Deliveries are found by created_at, which an event
+        // shares with its publish group: the group's remaining deliveries are read once, not once per event. Rows the delivery path has locked are left for the
         // next pass rather than waited for.
         let row = sqlx::query(
             "WITH d AS ( \
@@ -515,10 +516,9 @@ sql_store!(PgStore, Postgres, PgRow, {
              a AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM d) RETURNING 1), \
              k AS (SELECT DISTINCT event_key, created_at FROM d), \
              e AS ( \
-               DELETE FROM events WHERE event_key IN ( \
-                 SELECT k.event_key FROM k WHERE NOT EXISTS (SELECT 1 FROM deliveries x \
-                   WHERE x.created_at = k.created_at AND x.event_key = k.event_key \
-                     AND x.id NOT IN (SELECT id FROM d))) \
+               DELETE FROM events WHERE (event_key IN (SELECT event_key FROM k) \
+                   AND event_key NOT IN (SELECT x.event_key FROM deliveries x \
+                     WHERE x.created_at IN (SELECT created_at FROM k) AND x.id NOT IN (SELECT id FROM d))) \
                  OR event_key IN (SELECT event_key FROM events \
                    WHERE deliveries = 0 AND created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) \
                RETURNING 1) \

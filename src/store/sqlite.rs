@@ -594,12 +594,13 @@ fn prune_rows(conn: &mut rusqlite::Connection, before: i64, limit: i64) -> Resul
     keys.sort_unstable();
     keys.dedup();
     let keys = serde_json::to_string(&keys).map_err(|e| Error::Internal(e.to_string()))?;
-    // An event's deliveries share its created_at, which is indexed.
+    // An event's deliveries share its created_at, which is indexed, with every event of its publish group: the
+    // deliveries still left in those groups are read once, not once per event.
     let mut events = tx
         .prepare_cached(
-            "DELETE FROM events WHERE event_key IN (SELECT k.value ->> 0 FROM json_each(?1) k \
-               WHERE NOT EXISTS (SELECT 1 FROM deliveries d \
-                 WHERE d.created_at = k.value ->> 1 AND d.event_key = k.value ->> 0))",
+            "DELETE FROM events WHERE event_key IN (SELECT k.value ->> 0 FROM json_each(?1) k) \
+               AND event_key NOT IN (SELECT d.event_key FROM deliveries d \
+                 WHERE d.created_at IN (SELECT k.value ->> 1 FROM json_each(?1) k))",
         )?
         .execute([&keys])? as u64;
     events += tx
