@@ -17,7 +17,8 @@ crate::on_both!(
     a_retry_asked_for_during_an_attempt_outlives_its_result,
     a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again,
     retention_removes_what_finished_before_the_cutoff_and_nothing_pending,
-    ids_of_removed_deliveries_are_not_given_again_after_a_restart
+    ids_of_removed_deliveries_are_not_given_again_after_a_restart,
+    an_event_goes_with_its_last_delivery
 );
 
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
@@ -510,4 +511,58 @@ async fn ids_of_removed_deliveries_are_not_given_again_after_a_restart(b: Backen
         .await
         .unwrap();
     assert!(again[0].jobs[0].id > newest, "{} after {newest}", again[0].jobs[0].id);
+}
+
+/// An event with two deliveries (two applications subscribe its organizer) stays while either is kept, and
+/// goes in the pass that removes the last; both removed in one pass take it with them.
+async fn an_event_goes_with_its_last_delivery(b: Backend) {
+    let (s, _dir) = open(b).await;
+    subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    subscribed(&s, "b", 7, EventName::WebinarCreated).await;
+    let jobs: Vec<_> = s
+        .publish(vec![event("split", 7), event("together", 7)], Some(lease("n", 60_000)))
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|o| o.jobs)
+        .collect();
+    assert_eq!(jobs.len(), 4);
+    let now = g2w_webhooks::domain::now_ms();
+    let delivered = |which: &str| -> Vec<AttemptRecord> {
+        jobs.iter()
+            .filter(|j| j.event_key == which)
+            .map(|j| AttemptRecord {
+                delivery_id: j.id,
+                subscription_key: j.subscription_key.clone(),
+                number: 1,
+                node: "n".into(),
+                started_at: now,
+                duration_ms: 1,
+                status_code: Some(200),
+                error: None,
+                response_excerpt: None,
+                outcome: Outcome::Delivered,
+            })
+            .collect()
+    };
+    s.record_attempts(delivered("split"), 86_400_000).await.unwrap();
+    let later = g2w_webhooks::domain::now_ms() + 1000;
+    let one = s.prune(later, 1).await.unwrap();
+    assert_eq!(
+        (one.deliveries, one.events),
+        (1, 0),
+        "the other delivery still refers to it"
+    );
+    let two = s.prune(later, 1).await.unwrap();
+    assert_eq!((two.deliveries, two.events), (1, 1));
+
+    s.record_attempts(delivered("together"), 86_400_000).await.unwrap();
+    let later = g2w_webhooks::domain::now_ms() + 1000;
+    let both = s.prune(later, 1000).await.unwrap();
+    assert_eq!((both.deliveries, both.attempts, both.events), (2, 2, 1));
+    let again = s
+        .publish(vec![event("split", 7), event("together", 7)], None)
+        .await
+        .unwrap();
+    assert!(again.iter().all(|o| !o.duplicate), "{again:?}");
 }
