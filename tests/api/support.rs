@@ -51,8 +51,13 @@ impl Backend {
         match self {
             Backend::Sqlite => format!("sqlite://{}", dir.join("test.db").display()),
             Backend::Postgres(base) => {
-                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_secs();
+                let schema = format!("t_{now}_{}", uuid::Uuid::new_v4().simple());
                 let pool = sqlx::PgPool::connect(base).await.expect("connect to TEST_DATABASE_URL");
+                drop_old_schemas(&pool, now).await;
                 sqlx::query(&format!("CREATE SCHEMA {schema}"))
                     .execute(&pool)
                     .await
@@ -61,6 +66,29 @@ impl Backend {
                 let sep = if base.contains('?') { '&' } else { '?' };
                 format!("{base}{sep}options[search_path]={schema}")
             }
+        }
+    }
+}
+
+/// Test schemas outlive their tests (a test's database stays for a look after a failure); once per test process,
+/// those of runs over an hour old go, with those named before schemas carried their creation time.
+async fn drop_old_schemas(pool: &sqlx::PgPool, now: u64) {
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname ~ '^t_([0-9]+_)?[0-9a-f]{32}$'")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let created = name.split('_').nth(1).and_then(|t| t.parse::<u64>().ok());
+        if created.is_none_or(|t| t + 3600 < now) {
+            // Another test process may be dropping it too.
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .execute(pool)
+                .await;
         }
     }
 }
