@@ -260,3 +260,26 @@ async fn bad_events_are_refused_and_create_nothing(b: Backend) {
     assert!(app.deliveries("").await.is_empty(), "nothing was created");
     assert_eq!(rx.count(), 0);
 }
+
+/// A retention the service cannot use stops it at start with the setting named and nothing opened: zero (it
+/// would remove deliveries as they finish) and words that are not durations.
+#[test]
+fn a_bad_retention_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("never.db");
+    for (value, says) in [("0s", "use `off` to keep everything"), ("forever", "is not a duration")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_g2w-webhooks"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--retention", value])
+            .arg("--database-url")
+            .arg(format!("sqlite://{}", db.display()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{value}: {stderr}");
+        assert!(
+            stderr.contains("--retention") && stderr.contains(says),
+            "{value}: {stderr}"
+        );
+        assert!(!db.exists(), "{value}: the database was opened");
+    }
+}
