@@ -139,6 +139,11 @@ pub struct ServeArgs {
     #[arg(long, env = "G2W_RETENTION", default_value = "30d", value_parser = parse_retention)]
     pub retention: Retention,
 
+    /// Requests a second each token may make to the GoTo API (as the real service limits it, 10 by default
+    /// there); past it, 429 with `Retry-After`. Unset: no limit.
+    #[arg(long, env = "G2W_RATE_LIMIT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit: Option<u32>,
+
     /// How long shutdown waits for in-flight attempts to finish.
     #[arg(long, env = "G2W_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

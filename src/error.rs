@@ -26,6 +26,9 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Past `--rate-limit`: 429 with `Retry-After`.
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// From the SQLite connection that carries the delivery hot path.
@@ -84,6 +87,7 @@ impl Error {
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
             Error::Database(
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
             ) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
@@ -126,7 +130,14 @@ impl IntoResponse for Error {
             description,
             incident,
         };
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

@@ -152,6 +152,7 @@ pub async fn run(
         policy,
         check_client: callback::client(policy, args.callback_check_timeout, 4),
         admin_token_hash: admin_token.map(|t| Sha256::digest(t.as_bytes()).to_vec()),
+        rate_limit: args.rate_limit.map(|n| Arc::new(http::limit::RateLimit::new(n))),
     };
     let app = match role {
         Role::Worker => http::ops_app(state),

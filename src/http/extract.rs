@@ -137,12 +137,16 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or_else(|| Error::Forbidden("a bearer token is required".into()))?;
-        state
+        let hash = hash_token(token);
+        let tenant = state
             .store
-            .find_token(&hash_token(token))
+            .find_token(&hash)
             .await?
-            .map(Auth)
-            .ok_or_else(|| Error::Forbidden("invalid token passed".into()))
+            .ok_or_else(|| Error::Forbidden("invalid token passed".into()))?;
+        if let Some(limit) = &state.rate_limit {
+            limit.take(&hash, std::time::Instant::now())?;
+        }
+        Ok(Auth(tenant))
     }
 }
 

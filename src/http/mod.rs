@@ -20,6 +20,7 @@ use crate::store::DynStore;
 
 pub mod admin;
 pub mod extract;
+pub mod limit;
 pub mod subscriptions;
 pub mod webhooks;
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub check_client: reqwest::Client,
     /// SHA-256 of the admin token; None disables the admin API.
     pub admin_token_hash: Option<Vec<u8>>,
+    /// GoTo's per-token request limit, when `--rate-limit` is set.
+    pub rate_limit: Option<Arc<limit::RateLimit>>,
 }
 
 #[derive(OpenApi)]

@@ -5,7 +5,12 @@ use serde_json::{json, Value};
 
 use crate::support::{Backend, Receiver, TestApp};
 
-crate::on_both!(pipedream_lifecycle, drupal_sync_with_a_php_client, prismatic_teardown);
+crate::on_both!(
+    pipedream_lifecycle,
+    drupal_sync_with_a_php_client,
+    prismatic_teardown,
+    the_real_services_rate_limit_when_asked_for
+);
 
 /// Pipedream (components/gotowebinar): create, wait, activate, subscribe; teardown deletes the webhook first and
 /// then the subscription the cascade already removed.
@@ -227,4 +232,34 @@ async fn prismatic_teardown(b: Backend) {
         .await
         .unwrap();
     assert_eq!(hooks["_embedded"]["webhooks"], json!([]));
+}
+
+/// With `--rate-limit 1` a token's second request within a second gets 429 in the one error format with
+/// `Retry-After`, as the real service answers past its limit; another token is served meanwhile, and the first
+/// is served again a second later. The admin API is not limited. (The unit test in `http::limit` covers a
+/// larger allowance.)
+async fn the_real_services_rate_limit_when_asked_for(b: Backend) {
+    let app = TestApp::on_with(b, |a| a.rate_limit = Some(1)).await;
+    let list = |token: String| {
+        let req = app.http.get(app.api("/webhooks")).bearer_auth(token);
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(list(app.token.clone()).await.status(), 200);
+    let refused = list(app.token.clone()).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["errorCode"], "TooManyRequests");
+    assert!(
+        body["description"].as_str().unwrap().contains("at most 1 a second"),
+        "{body}"
+    );
+    assert!(uuid::Uuid::parse_str(body["incident"].as_str().unwrap()).is_ok());
+    let other = app.token_for("other", 7).await;
+    assert_eq!(list(other).await.status(), 200);
+    for _ in 0..3 {
+        assert_eq!(app.admin(Method::GET, "/deliveries", None).await.status(), 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(list(app.token.clone()).await.status(), 200);
 }
