@@ -428,15 +428,7 @@ async fn deliveries_can_be_listed_filtered_and_paged(b: Backend) {
     let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
     assert_eq!(app.deliveries(&format!("since={}", urlencode(&future))).await.len(), 0);
 
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("g2w_events_accepted_total 6"), "{metrics}");
     assert!(metrics.contains("g2w_deliveries_created_total 6"));
     assert!(metrics.contains("g2w_attempt_duration_seconds_count"));
@@ -582,15 +574,7 @@ async fn delivered_deliveries_are_removed_once_past_the_retention(b: Backend) {
     })
     .await;
     assert_eq!(app.delivery(pending).await["state"], "pending");
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("g2w_deliveries_pruned_total 1"), "{metrics}");
     assert!(metrics.contains("g2w_events_pruned_total 1"), "{metrics}");
     let again = app.publish(created).await;

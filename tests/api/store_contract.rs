@@ -81,6 +81,32 @@ fn event(key: &str, organizer: i64) -> NewEvent {
     }
 }
 
+/// A first attempt of `job`, started now, that ended with `outcome`.
+fn first_attempt(job: &store::DeliveryJob, outcome: Outcome) -> AttemptRecord {
+    AttemptRecord {
+        delivery_id: job.id,
+        subscription_key: job.subscription_key.clone(),
+        number: 1,
+        node: "n".into(),
+        started_at: g2w_webhooks::domain::now_ms(),
+        duration_ms: 1,
+        status_code: Some(200),
+        error: None,
+        response_excerpt: None,
+        outcome,
+    }
+}
+
+/// Publishes `events` leased to node "n" and returns the deliveries created, in order.
+async fn publish_leased(s: &DynStore, events: Vec<NewEvent>) -> Vec<store::DeliveryJob> {
+    s.publish(events, Some(lease("n", 60_000)))
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|o| o.jobs)
+        .collect()
+}
+
 fn lease(owner: &str, ms: i64) -> Lease {
     Lease {
         owner: owner.into(),
@@ -291,13 +317,7 @@ async fn attempts_move_deliveries_through_their_states(b: Backend) {
 async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
     let (s, _dir) = open(b).await;
     let (_, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
-    let jobs: Vec<_> = s
-        .publish(vec![event("retried", 7), event("settled", 7)], Some(lease("n", 60_000)))
-        .await
-        .unwrap()
-        .into_iter()
-        .flat_map(|o| o.jobs)
-        .collect();
+    let jobs = publish_leased(&s, vec![event("retried", 7), event("settled", 7)]).await;
     // The attempts started before the retry below (a second earlier, whatever the clock's resolution).
     let started_at = g2w_webhooks::domain::now_ms() - 1000;
     assert_eq!(s.retry_deliveries(RetryTarget::Delivery(jobs[0].id)).await.unwrap(), 1);
@@ -400,7 +420,7 @@ async fn a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again(
 /// pending delivery stays however old, and so does its event. A removed event's key can be published again.
 async fn retention_removes_what_finished_before_the_cutoff_and_nothing_pending(b: Backend) {
     let (s, _dir) = open(b).await;
-    let (_, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    subscribed(&s, "a", 7, EventName::WebinarCreated).await;
     let published = s
         .publish(
             vec![
@@ -416,23 +436,11 @@ async fn retention_removes_what_finished_before_the_cutoff_and_nothing_pending(b
     assert_eq!(published[3].deliveries, 0, "organizer 8 has no subscription");
     let jobs: Vec<_> = published.into_iter().flat_map(|o| o.jobs).collect();
     let now = g2w_webhooks::domain::now_ms();
-    let rec = |id: i64, outcome: Outcome| AttemptRecord {
-        delivery_id: id,
-        subscription_key: sk.clone(),
-        number: 1,
-        node: "n".into(),
-        started_at: now,
-        duration_ms: 3,
-        status_code: Some(500),
-        error: None,
-        response_excerpt: None,
-        outcome,
-    };
     s.record_attempts(
         vec![
-            rec(jobs[0].id, Outcome::Delivered),
-            rec(jobs[1].id, Outcome::Failed),
-            rec(jobs[2].id, Outcome::RetryAt(now + 60_000)),
+            first_attempt(&jobs[0], Outcome::Delivered),
+            first_attempt(&jobs[1], Outcome::Failed),
+            first_attempt(&jobs[2], Outcome::RetryAt(now + 60_000)),
         ],
         86_400_000,
     )
@@ -476,30 +484,9 @@ async fn ids_of_removed_deliveries_are_not_given_again_after_a_restart(b: Backen
     let url = b.fresh_url(dir.path()).await;
     let s = store::connect(&url, 4, "normal").await.unwrap();
     subscribed(&s, "a", 7, EventName::WebinarCreated).await;
-    let jobs: Vec<_> = s
-        .publish(vec![event("one", 7), event("two", 7)], Some(lease("n", 60_000)))
-        .await
-        .unwrap()
-        .into_iter()
-        .flat_map(|o| o.jobs)
-        .collect();
+    let jobs = publish_leased(&s, vec![event("one", 7), event("two", 7)]).await;
     let newest = jobs.iter().map(|j| j.id).max().unwrap();
-    let now = g2w_webhooks::domain::now_ms();
-    let delivered = jobs
-        .iter()
-        .map(|j| AttemptRecord {
-            delivery_id: j.id,
-            subscription_key: j.subscription_key.clone(),
-            number: 1,
-            node: "n".into(),
-            started_at: now,
-            duration_ms: 1,
-            status_code: Some(200),
-            error: None,
-            response_excerpt: None,
-            outcome: Outcome::Delivered,
-        })
-        .collect();
+    let delivered = jobs.iter().map(|j| first_attempt(j, Outcome::Delivered)).collect();
     s.record_attempts(delivered, 86_400_000).await.unwrap();
     let pruned = s.prune(g2w_webhooks::domain::now_ms() + 1000, 1000).await.unwrap();
     assert_eq!(pruned.deliveries, 2);
@@ -519,30 +506,12 @@ async fn an_event_goes_with_its_last_delivery(b: Backend) {
     let (s, _dir) = open(b).await;
     subscribed(&s, "a", 7, EventName::WebinarCreated).await;
     subscribed(&s, "b", 7, EventName::WebinarCreated).await;
-    let jobs: Vec<_> = s
-        .publish(vec![event("split", 7), event("together", 7)], Some(lease("n", 60_000)))
-        .await
-        .unwrap()
-        .into_iter()
-        .flat_map(|o| o.jobs)
-        .collect();
+    let jobs = publish_leased(&s, vec![event("split", 7), event("together", 7)]).await;
     assert_eq!(jobs.len(), 4);
-    let now = g2w_webhooks::domain::now_ms();
     let delivered = |which: &str| -> Vec<AttemptRecord> {
         jobs.iter()
             .filter(|j| j.event_key == which)
-            .map(|j| AttemptRecord {
-                delivery_id: j.id,
-                subscription_key: j.subscription_key.clone(),
-                number: 1,
-                node: "n".into(),
-                started_at: now,
-                duration_ms: 1,
-                status_code: Some(200),
-                error: None,
-                response_excerpt: None,
-                outcome: Outcome::Delivered,
-            })
+            .map(|j| first_attempt(j, Outcome::Delivered))
             .collect()
     };
     s.record_attempts(delivered("split"), 86_400_000).await.unwrap();

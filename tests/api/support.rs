@@ -259,6 +259,17 @@ impl TestApp {
             .expect("json")
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let res = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics");
+        res.text().await.expect("metrics text")
+    }
+
     pub async fn deliveries(&self, query: &str) -> Vec<Value> {
         let v: Value = self
             .admin(Method::GET, &format!("/deliveries?{query}"), None)
