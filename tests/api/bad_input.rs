@@ -261,25 +261,29 @@ async fn bad_events_are_refused_and_create_nothing(b: Backend) {
     assert_eq!(rx.count(), 0);
 }
 
-/// A retention the service cannot use stops it at start with the setting named and nothing opened: zero (it
-/// would remove deliveries as they finish) and words that are not durations.
+/// Settings the service cannot use stop it at start with the setting named and nothing opened: a retention of
+/// zero (it would remove deliveries as they finish), words that are not durations, a rate limit of zero.
 #[test]
-fn a_bad_retention_is_refused_before_anything_starts() {
+fn bad_settings_are_refused_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("never.db");
-    for (value, says) in [("0s", "use `off` to keep everything"), ("forever", "is not a duration")] {
+    for (flag, value, says) in [
+        ("--retention", "0s", "use `off` to keep everything"),
+        ("--retention", "forever", "is not a duration"),
+        ("--rate-limit", "0", "not in 1.."),
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_g2w-webhooks"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--retention", value])
+            .args(["serve", "--listen", "127.0.0.1:0", flag, value])
             .arg("--database-url")
             .arg(format!("sqlite://{}", db.display()))
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{value}: {stderr}");
+        assert!(!out.status.success(), "{flag} {value}: {stderr}");
         assert!(
-            stderr.contains("--retention") && stderr.contains(says),
-            "{value}: {stderr}"
+            stderr.contains(flag) && stderr.contains(says),
+            "{flag} {value}: {stderr}"
         );
-        assert!(!db.exists(), "{value}: the database was opened");
+        assert!(!db.exists(), "{flag} {value}: the database was opened");
     }
 }
