@@ -38,6 +38,9 @@ pub async fn run(store: DynStore, retention: Duration, metrics: Arc<Metrics>, sh
         loop {
             match store.prune(before, BATCH).await {
                 Ok(p) => {
+                    // Counted per pass, so /metrics shows a long check's progress as it goes.
+                    metrics.pruned_deliveries.fetch_add(p.deliveries, Ordering::Relaxed);
+                    metrics.pruned_events.fetch_add(p.events, Ordering::Relaxed);
                     total.deliveries += p.deliveries;
                     total.attempts += p.attempts;
                     total.events += p.events;
@@ -53,8 +56,6 @@ pub async fn run(store: DynStore, retention: Duration, metrics: Arc<Metrics>, sh
             }
         }
         if total != Pruned::default() {
-            metrics.pruned_deliveries.fetch_add(total.deliveries, Ordering::Relaxed);
-            metrics.pruned_events.fetch_add(total.events, Ordering::Relaxed);
             tracing::info!(
                 deliveries = total.deliveries,
                 attempts = total.attempts,

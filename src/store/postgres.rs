@@ -505,8 +505,10 @@ sql_store!(PgStore, Postgres, PgRow, {
         }
         // One statement. Its parts share one snapshot, in which the deliveries it deletes still exist: an event
         // goes when no delivery outside those refers to it. Deliveries are found by created_at, which an event
-        // shares with its publish group: the group's remaining deliveries are read once, not once per event. Rows the delivery path has locked are left for the
-        // next pass rather than waited for.
+        // shares with its publish group: the groups' remaining deliveries are read once through
+        // `deliveries_created`, not once per event, and every part goes through an index, so a pass costs what
+        // it removes, not the size of the tables. Rows the delivery path has locked are left for the next pass
+        // rather than waited for.
         let row = sqlx::query(
             "WITH d AS ( \
                DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
@@ -514,16 +516,15 @@ sql_store!(PgStore, Postgres, PgRow, {
                  ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
                RETURNING id, event_key, created_at), \
              a AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM d) RETURNING 1), \
-             k AS (SELECT DISTINCT event_key, created_at FROM d), \
-             e AS ( \
-               DELETE FROM events WHERE (event_key IN (SELECT event_key FROM k) \
-                   AND event_key NOT IN (SELECT x.event_key FROM deliveries x \
-                     WHERE x.created_at IN (SELECT created_at FROM k) AND x.id NOT IN (SELECT id FROM d))) \
-                 OR event_key IN (SELECT event_key FROM events \
-                   WHERE deliveries = 0 AND created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) \
-               RETURNING 1) \
+             g AS (SELECT array_agg(DISTINCT created_at) AS at, array_agg(id) AS ids FROM d), \
+             kept AS (SELECT x.event_key FROM deliveries x, g \
+               WHERE x.created_at = ANY(g.at) AND x.id <> ALL(g.ids)), \
+             e AS (DELETE FROM events WHERE event_key IN \
+               (SELECT event_key FROM d EXCEPT SELECT event_key FROM kept) RETURNING 1), \
+             e0 AS (DELETE FROM events WHERE event_key IN (SELECT event_key FROM events \
+               WHERE deliveries = 0 AND created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
              SELECT (SELECT count(*) FROM d) AS deliveries, (SELECT count(*) FROM a) AS attempts, \
-               (SELECT count(*) FROM e) AS events",
+               (SELECT count(*) FROM e) + (SELECT count(*) FROM e0) AS events",
         )
         .bind(before)
         .bind(limit)
