@@ -31,7 +31,8 @@ struct Args {
     /// Backends: sqlite, postgres.
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
     backends: Vec<String>,
-    /// Scenarios: throughput, fanout, latency, backlog, single, failing (backlog includes restart).
+    /// Scenarios: throughput, fanout, latency, backlog, single, failing (backlog includes restart); also
+    /// retention (not in the default set: how fast `--retention` removes `--backlog` finished deliveries).
     #[arg(
         long,
         value_delimiter = ',',
@@ -279,6 +280,13 @@ fn commit_tail(metrics: &str) -> Option<(f64, f64)> {
     Some((1.0 - within_3ms / count, p99))
 }
 
+/// A counter's value in a `/metrics` text.
+fn counter(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// CPU time (user + system, all threads, finished ones included) a process has used, in seconds.
 fn cpu_secs(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -409,6 +417,16 @@ impl Server {
             );
         }
         Ok(())
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
@@ -558,7 +576,8 @@ impl Bench {
     async fn start_server(&self, db: &str, extra: &[&str]) -> anyhow::Result<(Server, Duration)> {
         let port = free_port();
         let started = Instant::now();
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        command
             .args([
                 "serve",
                 "--dev",
@@ -575,11 +594,33 @@ impl Bench {
             ])
             .args(["--sqlite-synchronous", &self.args.sqlite_synchronous])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn");
+        let server = Self::ready(command, port).await?;
+        Ok((server, started.elapsed()))
+    }
+
+    /// The relay (`g2w-relay`, beside this binary), forwarding every event it is sent to `target`.
+    async fn start_relay(&self, target: &str) -> anyhow::Result<Server> {
+        let port = free_port();
+        let mut command = Command::new(self.bin.with_file_name("g2w-relay"));
+        command.args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            target,
+            "--max-in-flight",
+            &self.args.max_in_flight.to_string(),
+        ]);
+        Self::ready(command, port).await
+    }
+
+    /// Starts `command`, listening on `port`, and waits until it answers `/readyz`.
+    async fn ready(mut command: Command, port: u16) -> anyhow::Result<Server> {
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
+            .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
         let base = format!("http://127.0.0.1:{port}");
         let http = client(64);
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -601,7 +642,7 @@ impl Bench {
             base,
             http,
         };
-        Ok((server, started.elapsed()))
+        Ok(server)
     }
 
     /// A token, an ACTIVE webhook and `subs` ACTIVE subscriptions of organizer 1, each to its own path.
@@ -726,7 +767,7 @@ impl Bench {
         seen.record_arrivals.store(true, Ordering::Relaxed);
         let url = start_receiver(seen.clone()).await?;
         let a = self.args.clone();
-        if scenario != "latency" {
+        if scenario != "latency" && scenario != "retention" {
             // Measured right before the scenario: on a shared machine the ceiling moves between minutes, and
             // a ratio means most when both sides ran under the same conditions.
             let ceiling_seen = Arc::new(Seen::default());
@@ -857,14 +898,7 @@ impl Bench {
                         .collect()
                 };
                 self.record_percentiles(backend, scenario, "publish to callback", lat);
-                let metrics = server
-                    .http
-                    .get(format!("{}/metrics", server.base))
-                    .send()
-                    .await?
-                    .text()
-                    .await?;
-                let (over, p99) = commit_tail(&metrics).context("no commit histogram in /metrics")?;
+                let (over, p99) = commit_tail(&server.metrics().await?).context("no commit histogram in /metrics")?;
                 self.record(
                     backend,
                     scenario,
@@ -924,6 +958,72 @@ impl Bench {
                 );
                 server.stop().await?;
             }
+            "retention" => {
+                // Deliveries finish on a node that keeps everything; then a node keeping them a moment starts on
+                // the same database, and how fast its retention removes them (with their attempts and events)
+                // is read from its /metrics.
+                let (server, _) = self.start_server(&db, &["--retention", "off"]).await?;
+                self.subscribe(&server, &db, &url, 1).await?;
+                let server = Arc::new(server);
+                seen.record_arrivals.store(false, Ordering::Relaxed);
+                let n = a.backlog;
+                self.publish_batched(&server, n, batch, pubs).await?;
+                self.wait_for(&seen, n, max_wait).await?;
+                Arc::into_inner(server).context("server still shared")?.stop().await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Checks come every 50 ms at this retention; the clock starts at the first rows removed.
+                let (server, _) = self.start_server(&db, &["--retention", "200ms"]).await?;
+                let cpu = server.cpu();
+                let deadline = Instant::now() + max_wait;
+                let mut first: Option<(Instant, f64)> = None;
+                let (end, events) = loop {
+                    let metrics = server.metrics().await?;
+                    let removed = counter(&metrics, "g2w_deliveries_pruned_total").unwrap_or(0.0);
+                    let events = counter(&metrics, "g2w_events_pruned_total").unwrap_or(0.0);
+                    if removed > 0.0 && first.is_none() {
+                        first = Some((Instant::now(), removed));
+                    }
+                    if removed >= n as f64 && events >= n as f64 {
+                        break (Instant::now(), events);
+                    }
+                    if Instant::now() > deadline {
+                        bail!("retention removed {removed} of {n} deliveries and {events} of {n} events");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
+                let (start, before) = first.context("nothing was removed")?;
+                let server_us = (server.cpu_secs() - cpu.server) / n as f64 * 1e6;
+                self.record(backend, scenario, "events removed", events, "", false);
+                self.record(
+                    backend,
+                    scenario,
+                    "server CPU per delivery removed",
+                    server_us,
+                    "us",
+                    false,
+                );
+                if backend == "postgres" {
+                    let per = (postgres_cpu_secs() - cpu.database) / n as f64 * 1e6;
+                    self.record(
+                        backend,
+                        scenario,
+                        "PostgreSQL CPU per delivery removed",
+                        per,
+                        "us",
+                        false,
+                    );
+                }
+                let secs = (end - start).as_secs_f64().max(1e-3);
+                self.record(
+                    backend,
+                    scenario,
+                    "deliveries removed/s (with their attempts and events)",
+                    (n as f64 - before) / secs,
+                    "/s",
+                    false,
+                );
+                server.stop().await?;
+            }
             "single" => {
                 let (server, _) = self.start_server(&db, &[]).await?;
                 self.subscribe(&server, &db, &url, 1).await?;
@@ -946,6 +1046,48 @@ impl Bench {
                     true,
                 );
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
+                // The same load through the relay: both HTTP exchanges of each event and nothing else.
+                let relay_seen = Arc::new(Seen::default());
+                relay_seen.record_arrivals.store(true, Ordering::Relaxed);
+                let relay_url = start_receiver(relay_seen.clone()).await?;
+                let relay = Arc::new(self.start_relay(&relay_url).await?);
+                let (cpu, bench, machine) = (relay.cpu_secs(), cpu_secs("self"), machine_ticks());
+                let start = Instant::now();
+                self.publish_batched(&relay, n, 1, a.publishers).await?;
+                self.wait_for(&relay_seen, n, max_wait).await?;
+                let end = relay_seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
+                let per = |secs: f64| secs / n as f64 * 1e6;
+                let (relay_us, bench_us) = (per(relay.cpu_secs() - cpu), per(cpu_secs("self") - bench));
+                let (busy, total) = machine_ticks();
+                if total > machine.1 {
+                    let share = (busy - machine.0) / (total - machine.1) * 100.0;
+                    self.record(
+                        backend,
+                        scenario,
+                        "relay: machine busy (every process)",
+                        share,
+                        "%",
+                        false,
+                    );
+                }
+                self.record(backend, scenario, "relay: relay CPU per event", relay_us, "us", false);
+                self.record(
+                    backend,
+                    scenario,
+                    "relay: load generator CPU per event (publishers + receiver)",
+                    bench_us,
+                    "us",
+                    false,
+                );
+                self.record(
+                    backend,
+                    scenario,
+                    "relay: events/s answered at once and forwarded, nothing stored",
+                    n as f64 / (end - start).as_secs_f64(),
+                    "/s",
+                    true,
+                );
+                Arc::into_inner(relay).context("relay still shared")?.stop().await?;
             }
             "failing" => {
                 let (server, _) = self
@@ -1030,8 +1172,10 @@ async fn main() -> anyhow::Result<()> {
         (args.backlog, args.single_events, args.failing_events, args.batch) = (3000, 500, 500, 200);
     }
     let bin = std::env::current_exe()?.with_file_name("g2w-webhooks");
-    if !bin.exists() {
-        bail!("{} not found: build it first (cargo build --release)", bin.display());
+    for needed in [&bin, &bin.with_file_name("g2w-relay")] {
+        if !needed.exists() {
+            bail!("{} not found: build it first (cargo build --release)", needed.display());
+        }
     }
     let settings = json!({"events": args.events, "batch": args.batch, "batch_publishers": args.batch_publishers,
         "fanout": [args.fanout_events, args.fanout_subs], "latency": [args.latency_rate, args.latency_secs],
