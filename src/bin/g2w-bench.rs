@@ -343,6 +343,13 @@ fn machine_ticks() -> (f64, f64) {
     (total - waiting, total)
 }
 
+/// The share of the machine's clock ticks spent busy since `from` (a `machine_ticks` reading), in percent; none
+/// when no tick has passed.
+fn busy_since(from: (f64, f64)) -> Option<f64> {
+    let (busy, total) = machine_ticks();
+    (total > from.1).then(|| (busy - from.0) / (total - from.1) * 100.0)
+}
+
 /// One webinar.created event as JSON text, written out directly: the publishers' cost per event stays small
 /// beside the server's.
 fn event(key: i64, organizer: i64) -> String {
@@ -490,9 +497,7 @@ impl Bench {
     /// The server's (and PostgreSQL's) CPU time per delivery since `from`, how busy the machine was, and, where
     /// a ceiling was measured, the share of it this CPU per delivery allows with both cores fully used.
     fn record_cpu(&mut self, backend: &str, scenario: &str, server: &Server, from: Cpu, deliveries: u64) {
-        let (busy, total) = machine_ticks();
-        if total > from.machine.1 {
-            let share = (busy - from.machine.0) / (total - from.machine.1) * 100.0;
+        if let Some(share) = busy_since(from.machine) {
             self.record(backend, scenario, "machine busy (every process)", share, "%", false);
         }
         let server_us = (server.cpu_secs() - from.server) / deliveries as f64 * 1e6;
@@ -776,12 +781,11 @@ impl Bench {
             let requests = if a.smoke { 5000 } else { a.events.min(100_000) };
             let machine = machine_ticks();
             let (rate, cpu) = ceiling(&ceiling_url, requests, a.max_in_flight).await?;
-            let (busy, total) = machine_ticks();
+            let busy = busy_since(machine);
             self.ceiling = rate;
             self.ceiling_cpu = cpu;
             self.record(backend, scenario, "ceiling: receiver driven directly", rate, "/s", true);
-            if total > machine.1 {
-                let share = (busy - machine.0) / (total - machine.1) * 100.0;
+            if let Some(share) = busy {
                 self.record(
                     backend,
                     scenario,
@@ -1058,9 +1062,7 @@ impl Bench {
                 let end = relay_seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
                 let per = |secs: f64| secs / n as f64 * 1e6;
                 let (relay_us, bench_us) = (per(relay.cpu_secs() - cpu), per(cpu_secs("self") - bench));
-                let (busy, total) = machine_ticks();
-                if total > machine.1 {
-                    let share = (busy - machine.0) / (total - machine.1) * 100.0;
+                if let Some(share) = busy_since(machine) {
                     self.record(
                         backend,
                         scenario,
