@@ -772,15 +772,13 @@ impl Bench {
         seen.record_arrivals.store(true, Ordering::Relaxed);
         let url = start_receiver(seen.clone()).await?;
         let a = self.args.clone();
-        if scenario != "latency" && scenario != "retention" {
+        let ceiling_requests = if a.smoke { 5000 } else { a.events.min(100_000) };
+        let with_ceiling = scenario != "latency" && scenario != "retention";
+        if with_ceiling {
             // Measured right before the scenario: on a shared machine the ceiling moves between minutes, and
             // a ratio means most when both sides ran under the same conditions.
-            let ceiling_seen = Arc::new(Seen::default());
-            ceiling_seen.record_arrivals.store(true, Ordering::Relaxed);
-            let ceiling_url = start_receiver(ceiling_seen).await?;
-            let requests = if a.smoke { 5000 } else { a.events.min(100_000) };
             let machine = machine_ticks();
-            let (rate, cpu) = ceiling(&ceiling_url, requests, a.max_in_flight).await?;
+            let (rate, cpu) = fresh_ceiling(ceiling_requests, a.max_in_flight).await?;
             let busy = busy_since(machine);
             self.ceiling = rate;
             self.ceiling_cpu = cpu;
@@ -1125,8 +1123,30 @@ impl Bench {
         if let Some(schema) = schema {
             self.drop_schema(&schema).await?;
         }
+        if with_ceiling {
+            // Measured again once the scenario is over: where it differs much from the one before, the machine's
+            // speed moved during the scenario and its ratios are uncertain by as much (the share shown is of the
+            // ceiling before).
+            let (rate, _) = fresh_ceiling(ceiling_requests, a.max_in_flight).await?;
+            self.record(
+                backend,
+                scenario,
+                "ceiling: measured again after the scenario",
+                rate,
+                "/s",
+                true,
+            );
+        }
         Ok(())
     }
+}
+
+/// The ceiling against a receiver of its own: requests per second, and CPU per request in us.
+async fn fresh_ceiling(requests: u64, concurrency: usize) -> anyhow::Result<(f64, f64)> {
+    let seen = Arc::new(Seen::default());
+    seen.record_arrivals.store(true, Ordering::Relaxed);
+    let url = start_receiver(seen).await?;
+    ceiling(&url, requests, concurrency).await
 }
 
 async fn secret(server: &Server, api: &str, token: &str) -> anyhow::Result<()> {
