@@ -1305,6 +1305,17 @@ mod tests {
     }
 
     #[test]
+    fn a_counter_is_read_by_its_whole_name() {
+        let metrics = "# TYPE g2w_deliveries_pruned_total counter\n\
+                       g2w_deliveries_pruned_total_extra 7\n\
+                       g2w_deliveries_pruned_total 1500\n\
+                       g2w_events_pruned_total 1499\n";
+        assert_eq!(counter(metrics, "g2w_deliveries_pruned_total"), Some(1500.0));
+        assert_eq!(counter(metrics, "g2w_events_pruned_total"), Some(1499.0));
+        assert_eq!(counter(metrics, "g2w_attempts_total"), None);
+    }
+
+    #[test]
     fn an_unknown_synchronous_mode_is_refused_before_anything_starts() {
         let err = Args::try_parse_from(["g2w-bench", "--sqlite-synchronous", "sometimes"]).expect_err("refused");
         assert!(err.to_string().contains("sometimes"), "{err}");
