@@ -168,6 +168,14 @@ async fn start_receiver(seen: Arc<Seen>) -> anyhow::Result<String> {
     Ok(format!("http://{addr}/hook"))
 }
 
+/// A receiver that records every event's arrival, and its URL.
+async fn recording_receiver() -> anyhow::Result<(Arc<Seen>, String)> {
+    let seen = Arc::new(Seen::default());
+    seen.record_arrivals.store(true, Ordering::Relaxed);
+    let url = start_receiver(seen.clone()).await?;
+    Ok((seen, url))
+}
+
 fn client(concurrency: usize) -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
@@ -768,9 +776,7 @@ impl Bench {
     async fn scenario(&mut self, backend: &str, scenario: &str) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let (db, schema) = self.fresh_db(backend, dir.path()).await?;
-        let seen = Arc::new(Seen::default());
-        seen.record_arrivals.store(true, Ordering::Relaxed);
-        let url = start_receiver(seen.clone()).await?;
+        let (seen, url) = recording_receiver().await?;
         let a = self.args.clone();
         let ceiling_requests = if a.smoke { 5000 } else { a.events.min(100_000) };
         let with_ceiling = scenario != "latency" && scenario != "retention";
@@ -1049,18 +1055,16 @@ impl Bench {
                 );
                 Arc::into_inner(server).context("server still shared")?.stop().await?;
                 // The same load through the relay: both HTTP exchanges of each event and nothing else.
-                let relay_seen = Arc::new(Seen::default());
-                relay_seen.record_arrivals.store(true, Ordering::Relaxed);
-                let relay_url = start_receiver(relay_seen.clone()).await?;
+                let (relay_seen, relay_url) = recording_receiver().await?;
                 let relay = Arc::new(self.start_relay(&relay_url).await?);
-                let (cpu, bench, machine) = (relay.cpu_secs(), cpu_secs("self"), machine_ticks());
+                let from = relay.cpu();
                 let start = Instant::now();
                 self.publish_batched(&relay, n, 1, a.publishers).await?;
                 self.wait_for(&relay_seen, n, max_wait).await?;
                 let end = relay_seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
                 let per = |secs: f64| secs / n as f64 * 1e6;
-                let (relay_us, bench_us) = (per(relay.cpu_secs() - cpu), per(cpu_secs("self") - bench));
-                if let Some(share) = busy_since(machine) {
+                let (relay_us, bench_us) = (per(relay.cpu_secs() - from.server), per(cpu_secs("self") - from.bench));
+                if let Some(share) = busy_since(from.machine) {
                     self.record(
                         backend,
                         scenario,
@@ -1143,9 +1147,7 @@ impl Bench {
 
 /// The ceiling against a receiver of its own: requests per second, and CPU per request in us.
 async fn fresh_ceiling(requests: u64, concurrency: usize) -> anyhow::Result<(f64, f64)> {
-    let seen = Arc::new(Seen::default());
-    seen.record_arrivals.store(true, Ordering::Relaxed);
-    let url = start_receiver(seen).await?;
+    let (_, url) = recording_receiver().await?;
     ceiling(&url, requests, concurrency).await
 }
 

@@ -279,14 +279,15 @@ impl Hot {
 fn run_writer(mut hot: Hot, mut rx: mpsc::Receiver<WriteOp>, held: Held, gate: Gate, commits: &Histogram) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
-        let (prunes, ops): (Vec<WriteOp>, Vec<WriteOp>) = std::mem::take(&mut batch)
-            .into_iter()
-            .partition(|op| matches!(op, WriteOp::Prune { .. }));
-        for op in prunes {
-            if let WriteOp::Prune { before, limit, reply } = op {
-                let pause = gate.blocking_lock();
-                let _ = reply.send(prune_rows(&mut hot.conn, before, limit));
-                drop(pause);
+        // A retention pass runs on its own, before the group it arrived with.
+        let mut ops = Vec::with_capacity(batch.len());
+        for op in batch.drain(..) {
+            match op {
+                WriteOp::Prune { before, limit, reply } => {
+                    let _pause = gate.blocking_lock();
+                    let _ = reply.send(prune_rows(&mut hot.conn, before, limit));
+                }
+                op => ops.push(op),
             }
         }
         if ops.is_empty() {
