@@ -110,6 +110,7 @@ impl Attempt<'_> {
             number,
             node: self.node.to_string(),
             started_at,
+            job_updated_at: job.updated_at,
             duration_ms: 0,
             status_code: None,
             error: None,
@@ -168,6 +169,7 @@ mod tests {
             webhook_secret: None,
             attempts: 0,
             lease_until: i64::MAX,
+            updated_at: 0,
         };
         // An eventKey that no header can carry, sent as the Standard Webhooks id.
         let url: Uri = job.url.parse().expect("uri");

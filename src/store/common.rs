@@ -458,7 +458,10 @@ impl Store for $store {
             RetryTarget::FailedOfSubscription(k) => ("subscription_key = $2 AND state = 'failed'", k.to_string()),
         };
         let sql = format!(
-            "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, updated_at = $1 WHERE {cond}"
+            // `updated_at` always moves, even within the millisecond it was last set in: an attempt in flight
+            // compares it with the value its job was read with, and must see the retry.
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, \
+             updated_at = CASE WHEN updated_at >= $1 THEN updated_at + 1 ELSE $1 END WHERE {cond}"
         );
         let mut q = sqlx::query(&sql).bind(now_ms());
         q = match target {

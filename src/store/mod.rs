@@ -59,6 +59,9 @@ pub struct DeliveryJob {
     pub attempts: i64,
     /// This node's lease on the delivery ends then (ms); an attempt that could outlive it is not started.
     pub lease_until: i64,
+    /// The delivery's `updated_at` when this job was read from it (or created with it). An operator's retry or
+    /// redeliver always moves it, so an attempt's result settles the delivery only if it is unchanged.
+    pub updated_at: i64,
 }
 
 /// How an attempt ended and what happens next.
@@ -78,6 +81,8 @@ pub struct AttemptRecord {
     pub number: i64,
     pub node: String,
     pub started_at: i64,
+    /// The job's `updated_at`: the delivery as this attempt found it.
+    pub job_updated_at: i64,
     pub duration_ms: i64,
     pub status_code: Option<i64>,
     pub error: Option<String>,

@@ -192,6 +192,7 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
                     webhook_secret: r.try_get("secret_key")?,
                     attempts: 0,
                     lease_until: lease.as_ref().map_or(0, |l| l.until),
+                    updated_at: now,
                 };
                 jobs.entry(event_key).or_default().push(job);
             }
@@ -238,8 +239,8 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
         .collect())
 }
 
-/// Claimed rows (id, event_key, app_id, subscription_key, url, attempts, body, secret_key) as jobs, sharing
-/// one body buffer per event.
+/// Claimed rows (id, event_key, app_id, subscription_key, url, attempts, body, secret_key, updated_at) as
+/// jobs, sharing one body buffer per event.
 fn jobs_from_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<DeliveryJob>> {
     let mut bodies: std::collections::HashMap<String, Bytes> = std::collections::HashMap::new();
     rows.iter()
@@ -263,6 +264,7 @@ fn jobs_from_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<DeliveryJob>> 
                 webhook_secret: r.try_get("secret_key")?,
                 attempts: r.try_get("attempts")?,
                 lease_until,
+                updated_at: r.try_get("updated_at")?,
             })
         })
         .collect()
@@ -327,8 +329,9 @@ sql_store!(PgStore, Postgres, PgRow, {
                AND lease_until < $3 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED), \
              u AS (UPDATE deliveries d SET lease_owner = $1, lease_until = $2 FROM c WHERE d.id = c.id \
                RETURNING d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, d.webhook_key, \
-                 d.next_attempt_at) \
-             SELECT u.id, u.event_key, u.app_id, u.subscription_key, u.url, u.attempts, e.body, w.secret_key \
+                 d.next_attempt_at, d.updated_at) \
+             SELECT u.id, u.event_key, u.app_id, u.subscription_key, u.url, u.attempts, e.body, w.secret_key, \
+               u.updated_at \
              FROM u JOIN events e ON e.event_key = u.event_key \
              LEFT JOIN webhooks w ON w.webhook_key = u.webhook_key ORDER BY u.next_attempt_at",
         )
@@ -351,6 +354,7 @@ sql_store!(PgStore, Postgres, PgRow, {
         let ids = col(&|r| r.delivery_id);
         let numbers = col(&|r| r.number);
         let started = col(&|r| r.started_at);
+        let seen = col(&|r| r.job_updated_at);
         let durations = col(&|r| r.duration_ms);
         let statuses: Vec<Option<i64>> = results.iter().map(|r| r.status_code).collect();
         let errors: Vec<Option<String>> = results.iter().map(|r| r.error.clone()).collect();
@@ -380,17 +384,18 @@ sql_store!(PgStore, Postgres, PgRow, {
 
         // The attempts, the deliveries' new states and the end of their subscriptions' failure clocks: one
         // statement, so the usual all-delivered batch is one round trip and its own transaction. A delivery
-        // changed after its attempt started (an operator's retry or redeliver) keeps its new state and due time:
-        // the attempt is logged, and the delivery is attempted again as asked. The recording node lets go of its
-        // lease either way (a retry leaves the lease alone, so the delivery is not claimed again while its
-        // attempt is in flight); a lease another node holds (it claimed the delivery after this one's lease
-        // expired) stays. It answers how many such retried deliveries are now free, so the workers of every
-        // node are told (the retry may have been asked of another node, which found the delivery leased).
+        // changed since its attempt's job was read (an operator's retry or redeliver, which always move
+        // `updated_at`) keeps its new state and due time: the attempt is logged, and the delivery is attempted
+        // again as asked. The recording node lets go of its lease either way (a retry leaves the lease alone,
+        // so the delivery is not claimed again while its attempt is in flight); a lease another node holds (it
+        // claimed the delivery after this one's lease expired) stays. It answers how many such retried
+        // deliveries are now free, so the workers of every node are told (the retry may have been asked of
+        // another node, which found the delivery leased).
         let record = sqlx::query(
             "WITH u AS ( \
                SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
-                 $7::text[], $8::text[], $9::text[], $10::int8[]) \
-                 AS u(id, number, node, started, duration, status, error, excerpt, state, next)), \
+                 $7::text[], $8::text[], $9::text[], $10::int8[], $13::int8[]) \
+                 AS u(id, number, node, started, duration, status, error, excerpt, state, next, seen)), \
              a AS ( \
                INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
                  response_excerpt) \
@@ -400,13 +405,13 @@ sql_store!(PgStore, Postgres, PgRow, {
                WHERE subscription_key = ANY($12) AND failing_since IS NOT NULL), \
              r AS ( \
              UPDATE deliveries d SET \
-               state = CASE WHEN d.updated_at > u.started THEN d.state ELSE u.state END, \
+               state = CASE WHEN d.updated_at <> u.seen THEN d.state ELSE u.state END, \
                attempts = GREATEST(d.attempts, u.number), \
-               next_attempt_at = CASE WHEN d.updated_at > u.started THEN d.next_attempt_at ELSE u.next END, \
+               next_attempt_at = CASE WHEN d.updated_at <> u.seen THEN d.next_attempt_at ELSE u.next END, \
                lease_owner = CASE WHEN d.lease_owner <> u.node THEN d.lease_owner END, \
                lease_until = CASE WHEN d.lease_owner <> u.node THEN d.lease_until ELSE 0 END, \
                last_status = u.status, last_error = u.error, \
-               updated_at = CASE WHEN d.updated_at > u.started THEN d.updated_at ELSE $11 END \
+               updated_at = CASE WHEN d.updated_at <> u.seen THEN d.updated_at ELSE $11 END \
              FROM u WHERE d.id = u.id RETURNING d.state, d.updated_at) \
              SELECT count(*) FILTER (WHERE state = 'pending' AND updated_at <> $11) FROM r",
         )
@@ -424,7 +429,8 @@ sql_store!(PgStore, Postgres, PgRow, {
         .bind(&states)
         .bind(&nexts)
         .bind(now)
-        .bind(&delivered);
+        .bind(&delivered)
+        .bind(&seen);
         if failing.is_empty() && gone.is_empty() {
             let superseded: i64 = record.fetch_one(&self.write).await?.try_get(0)?;
             if superseded > 0 {

@@ -504,17 +504,18 @@ static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
     0,
 );
 
-/// A delivery changed after its attempt started (an operator's retry or redeliver) keeps its new state, due
-/// time and lease: the attempt is logged, and the delivery is attempted again as asked.
+/// A delivery changed since its attempt's job was read (an operator's retry or redeliver, which always move
+/// `updated_at`) keeps its new state, due time and lease: the attempt is logged, and the delivery is attempted
+/// again as asked.
 static UPDATE_DELIVERIES: MultiRow = MultiRow::new(
     "UPDATE OR FAIL deliveries SET \
-     state = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.state ELSE v.column2 END, \
+     state = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.state ELSE v.column2 END, \
      attempts = max(deliveries.attempts, v.column3), \
-     next_attempt_at = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.next_attempt_at ELSE v.column4 END, \
-     lease_owner = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.lease_owner END, \
-     lease_until = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.lease_until ELSE 0 END, \
+     next_attempt_at = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.next_attempt_at ELSE v.column4 END, \
+     lease_owner = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.lease_owner END, \
+     lease_until = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.lease_until ELSE 0 END, \
      last_status = v.column5, last_error = v.column6, \
-     updated_at = CASE WHEN deliveries.updated_at > v.column7 THEN deliveries.updated_at ELSE ?1 END \
+     updated_at = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.updated_at ELSE ?1 END \
      FROM (VALUES ",
     "(#, #, #, #, #, #, #)",
     ") AS v WHERE deliveries.id = v.column1",
@@ -743,6 +744,7 @@ fn publish_all(
                         webhook_secret: t.secret_key.clone(),
                         attempts: 0,
                         lease_until: HELD,
+                        updated_at: now,
                     });
                 }
             }
@@ -823,7 +825,7 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
             stmt.raw_bind_parameter(p(3), next)?;
             stmt.raw_bind_parameter(p(4), r.status_code)?;
             stmt.raw_bind_parameter(p(5), r.error.as_deref())?;
-            stmt.raw_bind_parameter(p(6), r.started_at)?;
+            stmt.raw_bind_parameter(p(6), r.job_updated_at)?;
         }
         stmt.raw_execute()?;
     }
@@ -882,7 +884,7 @@ fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, lim
     // rows held are behind it, except the few a publish's fast path took since, which are dropped below.
     let (reading, holding) = ClaimRead::start(held, from.is_none())?;
     const COLUMNS: &str = "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, \
-         d.next_attempt_at, e.body, w.secret_key \
+         d.next_attempt_at, e.body, w.secret_key, d.updated_at \
          FROM deliveries d JOIN events e ON e.event_key = d.event_key \
          LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key \
          WHERE d.state = 'pending' AND d.next_attempt_at <= ?1";
@@ -928,6 +930,7 @@ fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, lim
             webhook_secret: r.get(8)?,
             attempts: r.get(5)?,
             lease_until: HELD,
+            updated_at: r.get(9)?,
         });
     }
     drop(rows);

@@ -89,6 +89,7 @@ fn first_attempt(job: &store::DeliveryJob, outcome: Outcome) -> AttemptRecord {
         number: 1,
         node: "n".into(),
         started_at: g2w_webhooks::domain::now_ms(),
+        job_updated_at: job.updated_at,
         duration_ms: 1,
         status_code: Some(200),
         error: None,
@@ -269,12 +270,13 @@ async fn attempts_move_deliveries_through_their_states(b: Backend) {
         .flat_map(|o| o.jobs)
         .collect();
     let now = g2w_webhooks::domain::now_ms();
-    let rec = |id: i64, outcome: Outcome, status: i64| AttemptRecord {
-        delivery_id: id,
+    let rec = |job: &store::DeliveryJob, outcome: Outcome, status: i64| AttemptRecord {
+        delivery_id: job.id,
         subscription_key: sk.clone(),
         number: 1,
         node: "n".into(),
         started_at: now,
+        job_updated_at: job.updated_at,
         duration_ms: 3,
         status_code: Some(status),
         error: None,
@@ -283,8 +285,8 @@ async fn attempts_move_deliveries_through_their_states(b: Backend) {
     };
     s.record_attempts(
         vec![
-            rec(jobs[0].id, Outcome::Delivered, 200),
-            rec(jobs[1].id, Outcome::RetryAt(now + 60_000), 500),
+            rec(&jobs[0], Outcome::Delivered, 200),
+            rec(&jobs[1], Outcome::RetryAt(now + 60_000), 500),
         ],
         86_400_000,
     )
@@ -296,7 +298,7 @@ async fn attempts_move_deliveries_through_their_states(b: Backend) {
     let (d, _) = s.get_delivery(jobs[1].id).await.unwrap().unwrap();
     assert_eq!((d.state.as_str(), d.next_attempt_at), ("pending", now + 60_000));
     assert_eq!(s.queue_stats().await.unwrap().waiting, 2);
-    s.record_attempts(vec![rec(jobs[2].id, Outcome::Gone, 410)], 86_400_000)
+    s.record_attempts(vec![rec(&jobs[2], Outcome::Gone, 410)], 86_400_000)
         .await
         .unwrap();
     let sub = s.get_subscription(t, &sk).await.unwrap().unwrap();
@@ -318,8 +320,10 @@ async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
     let (s, _dir) = open(b).await;
     let (_, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
     let jobs = publish_leased(&s, vec![event("retried", 7), event("settled", 7)]).await;
-    // The attempts started before the retry below (a second earlier, whatever the clock's resolution).
-    let started_at = g2w_webhooks::domain::now_ms() - 1000;
+    // The attempts started within the millisecond of the retry below, or later by their node's clock (clocks
+    // are coarse, and nodes' differ): what decides is that the retry changed the delivery after their jobs were
+    // read.
+    let started_at = g2w_webhooks::domain::now_ms() + 1000;
     assert_eq!(s.retry_deliveries(RetryTarget::Delivery(jobs[0].id)).await.unwrap(), 1);
     assert!(
         s.claim_due(g2w_webhooks::domain::now_ms(), &lease("m", 60_000), 10)
@@ -328,21 +332,20 @@ async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
             .is_empty(),
         "a retried delivery is not claimed again while its attempt is in flight"
     );
-    let delivered = |id: i64| AttemptRecord {
-        delivery_id: id,
+    let delivered = |job: &store::DeliveryJob| AttemptRecord {
+        delivery_id: job.id,
         subscription_key: sk.clone(),
         number: 1,
         node: "n".into(),
         started_at,
+        job_updated_at: job.updated_at,
         duration_ms: 3,
         status_code: Some(200),
         error: None,
         response_excerpt: None,
         outcome: Outcome::Delivered,
     };
-    s.record_attempts(vec![delivered(jobs[0].id)], 86_400_000)
-        .await
-        .unwrap();
+    s.record_attempts(vec![delivered(&jobs[0])], 86_400_000).await.unwrap();
     let (d, attempts) = s.get_delivery(jobs[0].id).await.unwrap().unwrap();
     assert_eq!(
         (d.state.as_str(), d.attempts, attempts.len()),
@@ -357,10 +360,8 @@ async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
         .unwrap();
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![jobs[0].id]);
 
-    // Publishing set the other delivery's last change before its attempt started: the result settles it.
-    let mut settled = delivered(jobs[1].id);
-    settled.started_at = g2w_webhooks::domain::now_ms();
-    s.record_attempts(vec![settled], 86_400_000).await.unwrap();
+    // The other delivery is as its job found it: the result settles it.
+    s.record_attempts(vec![delivered(&jobs[1])], 86_400_000).await.unwrap();
     let (d, _) = s.get_delivery(jobs[1].id).await.unwrap().unwrap();
     assert_eq!((d.state.as_str(), d.attempts), ("delivered", 1));
 }
@@ -394,6 +395,7 @@ async fn a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again(
             number: 1,
             node: "n".into(),
             started_at: now,
+            job_updated_at: first[1].updated_at,
             duration_ms: 3,
             status_code: Some(503),
             error: None,
