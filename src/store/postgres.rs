@@ -322,8 +322,16 @@ sql_store!(PgStore, Postgres, PgRow, {
     }
 
     async fn claim_due(&self, now: i64, lease: &Lease, limit: i64) -> Result<Vec<DeliveryJob>> {
-        // One statement (atomic on its own): lease the due rows no other node has locked, and return them with
-        // their bodies and keys.
+        // One statement: lease the due rows no other node has locked, and return them with their bodies and
+        // keys. Its one good plan walks `deliveries_due` in order and stops after `limit` rows; but a queue
+        // table's statistics are stale by nature (fresh, or grown by a burst since autovacuum last looked), and
+        // with them the planner expects a handful of due rows and reads every pending one through a bitmap to
+        // sort them: 6,000-12,700 rows read for each claim of 256 in a 20,000-event burst. So the claim runs
+        // in a transaction that rules bitmap scans out.
+        let mut tx = self.write.begin().await?;
+        sqlx::query("SET LOCAL enable_bitmapscan = off")
+            .execute(&mut *tx)
+            .await?;
         let rows = sqlx::query(
             "WITH c AS (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $3 \
                AND lease_until < $3 ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED), \
@@ -339,8 +347,9 @@ sql_store!(PgStore, Postgres, PgRow, {
         .bind(lease.until)
         .bind(now)
         .bind(limit)
-        .fetch_all(&self.write)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         jobs_from_rows(&rows, lease.until)
     }
 
