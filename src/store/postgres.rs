@@ -1,7 +1,7 @@
 //! PostgreSQL store: the scale-out path. Several nodes share one database; deliveries are claimed with
 //! `FOR UPDATE SKIP LOCKED` under a lease that expires, and `LISTEN/NOTIFY` wakes idle workers on every node.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,9 +129,10 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
     let orgs: Vec<i64> = events.iter().map(|e| e.organizer_key).collect();
     let names: Vec<&str> = events.iter().map(|e| e.event_name.as_str()).collect();
     let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_ref()).collect();
-    // Rows: kind 1, a delivery created (and its webhook's secret key); kind 2, an event inserted; kind 3, an
-    // event the statement could not insert, with the count stored by its first publish when that one is
-    // visible (committed before this statement began) and the count its fan-out would give otherwise.
+    // Rows: kind 1, a delivery created (and its webhook's secret key), only when this node takes them (a lease);
+    // kind 2, an event inserted, with its count of deliveries; kind 3, an event the statement could not insert,
+    // with the count stored by its first publish when that one is visible (committed before this statement
+    // began) and the count its fan-out would give otherwise.
     let rows = sqlx::query(
         "WITH input AS ( \
            SELECT k, o, n, b, i FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bytea[]) \
@@ -148,7 +149,8 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
            LEFT JOIN (SELECT k, count(*) AS c FROM targets GROUP BY k) tc ON tc.k = f.k), \
          ev AS ( \
            INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
-           SELECT k, o, n, b, c, $5 FROM counted ON CONFLICT (event_key) DO NOTHING RETURNING event_key), \
+           SELECT k, o, n, b, c, $5 FROM counted ON CONFLICT (event_key) DO NOTHING \
+           RETURNING event_key, deliveries), \
          ins AS ( \
            INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
              attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) \
@@ -157,8 +159,8 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
            RETURNING id, event_key, subscription_key, app_id, url, webhook_key) \
          SELECT 1 AS kind, ins.id, ins.event_key, ins.subscription_key, ins.app_id, ins.url, w.secret_key, \
                 0::int8 AS deliveries \
-           FROM ins LEFT JOIN webhooks w ON w.webhook_key = ins.webhook_key \
-         UNION ALL SELECT 2, 0, ev.event_key, NULL, 0, NULL, NULL, 0 FROM ev \
+           FROM ins LEFT JOIN webhooks w ON w.webhook_key = ins.webhook_key WHERE $6::text IS NOT NULL \
+         UNION ALL SELECT 2, 0, ev.event_key, NULL, 0, NULL, NULL, ev.deliveries FROM ev \
          UNION ALL SELECT 3, 0, c.k, NULL, 0, NULL, NULL, COALESCE(e.deliveries, c.c) \
            FROM counted c LEFT JOIN events e ON e.event_key = c.k \
            WHERE NOT EXISTS (SELECT 1 FROM ev WHERE ev.event_key = c.k)",
@@ -174,7 +176,7 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
     .await?;
 
     let bodies: HashMap<&str, &Bytes> = events.iter().map(|e| (e.event_key.as_str(), &e.body)).collect();
-    let mut inserted: HashSet<String> = HashSet::new();
+    let mut inserted: HashMap<String, i64> = HashMap::new();
     let mut earlier: HashMap<String, i64> = HashMap::new();
     let mut jobs: HashMap<String, Vec<DeliveryJob>> = HashMap::new();
     for r in &rows {
@@ -197,14 +199,14 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
                 jobs.entry(event_key).or_default().push(job);
             }
             2 => {
-                inserted.insert(event_key);
+                inserted.insert(event_key, r.try_get("deliveries")?);
             }
             _ => {
                 earlier.insert(event_key, r.try_get("deliveries")?);
             }
         }
     }
-    if lease.is_none() && jobs.values().any(|j| !j.is_empty()) {
+    if lease.is_none() && inserted.values().any(|n| *n > 0) {
         // Deliveries nobody holds: wake the workers of every node.
         notify_work(pool).await?;
     }
@@ -213,15 +215,16 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
     Ok(events
         .iter()
         .map(|e| {
-            let first = inserted.contains(&e.event_key) && !created_here.contains_key(e.event_key.as_str());
-            if first {
-                let created = jobs.remove(&e.event_key).unwrap_or_default();
-                created_here.insert(e.event_key.as_str(), created.len() as i64);
+            let first = inserted
+                .get(&e.event_key)
+                .filter(|_| !created_here.contains_key(e.event_key.as_str()));
+            if let Some(&deliveries) = first {
+                created_here.insert(e.event_key.as_str(), deliveries);
                 PublishOutcome {
                     event_key: e.event_key.clone(),
-                    deliveries: created.len() as i64,
+                    deliveries,
                     duplicate: false,
-                    jobs: if lease.is_some() { created } else { Vec::new() },
+                    jobs: jobs.remove(&e.event_key).unwrap_or_default(),
                 }
             } else {
                 PublishOutcome {
