@@ -424,8 +424,8 @@ sql_store!(PgStore, Postgres, PgRow, {
                lease_until = CASE WHEN d.lease_owner <> u.node THEN d.lease_until ELSE 0 END, \
                last_status = u.status, last_error = u.error, \
                updated_at = CASE WHEN d.updated_at <> u.seen THEN d.updated_at ELSE $11 END \
-             FROM u WHERE d.id = u.id RETURNING d.state, d.updated_at) \
-             SELECT count(*) FILTER (WHERE state = 'pending' AND updated_at <> $11) FROM r",
+             FROM u WHERE d.id = u.id RETURNING d.state, u.state AS settled_as) \
+             SELECT count(*) FILTER (WHERE state = 'pending' AND settled_as <> 'pending') FROM r",
         )
         // Planned on every execution: a plan kept from when the table was small (a fresh database) joins by
         // scanning every delivery, and a kept plan is only replaced once autovacuum analyzes the table.
