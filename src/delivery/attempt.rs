@@ -95,11 +95,21 @@ impl Attempt<'_> {
     }
 
     /// Sends the delivery and returns the attempt's record. `url` is `job.url` already parsed, when it parses.
-    pub async fn run(&self, job: &DeliveryJob, key: Option<&str>, url: Option<Uri>) -> AttemptRecord {
+    /// `key` signs it (`None`: the application has no key, so it goes unsigned); an error (the keys could not be
+    /// read) sends nothing: the attempt fails with that reason and is retried like any other.
+    pub async fn run(
+        &self,
+        job: &DeliveryJob,
+        key: std::result::Result<Option<&str>, String>,
+        url: Option<Uri>,
+    ) -> AttemptRecord {
         let started_at = now_ms();
         let clock = Instant::now();
         let url = url.ok_or_else(|| SendError::Other(format!("{} is not a valid URL", job.url)));
-        let result = match (url, self.headers(job, key, started_at)) {
+        let headers = key
+            .map_err(SendError::Other)
+            .and_then(|key| self.headers(job, key, started_at));
+        let result = match (url, headers) {
             (Ok(url), Ok(headers)) => self.client.post(url, headers, job.body.clone(), EXCERPT).await,
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
@@ -173,7 +183,7 @@ mod tests {
         };
         // An eventKey that no header can carry, sent as the Standard Webhooks id.
         let url: Uri = job.url.parse().expect("uri");
-        let r = attempt.run(&job, Some("c2VjcmV0"), Some(url)).await;
+        let r = attempt.run(&job, Ok(Some("c2VjcmV0")), Some(url)).await;
         assert!(
             r.error
                 .as_deref()
@@ -182,9 +192,55 @@ mod tests {
         );
         assert!(matches!(r.outcome, Outcome::RetryAt(_)) && r.status_code.is_none());
         // A callback URL that does not parse.
-        let r = attempt.run(&job, None, None).await;
+        let r = attempt.run(&job, Ok(None), None).await;
         assert_eq!(r.error.as_deref(), Some("http://127.0.0.1:9/hook is not a valid URL"));
         assert!(matches!(r.outcome, Outcome::RetryAt(_)));
+    }
+
+    /// When the application's keys could not be read, the callback does not go out unsigned: nothing is sent,
+    /// and the attempt fails with the reason and is retried.
+    #[tokio::test]
+    async fn a_callback_whose_keys_could_not_be_read_is_not_sent() {
+        let client = DeliveryClient::new(crate::callback::Policy::AllowPrivate, Duration::from_secs(1), 1);
+        let policy = RetryPolicy {
+            schedule: vec![Duration::from_secs(5)],
+        };
+        let attempt = Attempt {
+            client: &client,
+            policy: &policy,
+            node: "n",
+            standard_webhooks: false,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let job = DeliveryJob {
+            id: 1,
+            event_key: "k".into(),
+            app_id: 1,
+            subscription_key: "s".into(),
+            url: format!("http://{}/hook", listener.local_addr().expect("addr")),
+            body: bytes::Bytes::from_static(b"{}"),
+            webhook_secret: None,
+            attempts: 0,
+            lease_until: i64::MAX,
+            updated_at: 0,
+        };
+        let url: Uri = job.url.parse().expect("uri");
+        let r = attempt
+            .run(&job, Err("the keys could not be read".into()), Some(url.clone()))
+            .await;
+        assert_eq!(r.error.as_deref(), Some("the keys could not be read"));
+        assert!(matches!(r.outcome, Outcome::RetryAt(_)) && r.status_code.is_none());
+        let connected = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+        assert!(connected.is_err(), "nothing connected to the receiver");
+        // With the keys read (here: the application has none) the same attempt does connect.
+        let both = async {
+            tokio::join!(attempt.run(&job, Ok(None), Some(url)), async {
+                drop(listener.accept().await.expect("accept"));
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(5), both)
+            .await
+            .expect("the attempt connected to the receiver");
     }
 
     #[test]

@@ -24,6 +24,9 @@ use attempt::{Attempt, RetryPolicy};
 
 /// How long the application's secret keys are cached before being read again.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+/// How long other attempts go on with an application's previous keys while one attempt reads them again;
+/// past it (that read failed or was abandoned) the next attempt reads them.
+const KEY_REFRESH_WAIT: Duration = Duration::from_secs(5);
 /// Attempts sent and not yet recorded, per request slot (`--max-in-flight`): bounds the duplicates a crash
 /// can cause while commits run beside the requests.
 const UNRECORDED_PER_SLOT: usize = 2;
@@ -60,6 +63,8 @@ pub struct Engine {
     kicked_at: AtomicI64,
     wake: Notify,
     keys: Mutex<HashMap<i64, CachedKeys>>,
+    /// Held while an application's keys are read for the first time, so its attempts wait for one read.
+    keys_loading: tokio::sync::Mutex<()>,
     /// Callback URLs as parsed: a subscription's URL is parsed once, not on every attempt.
     urls: Mutex<HashMap<String, http::Uri>>,
 }
@@ -67,8 +72,21 @@ pub struct Engine {
 /// Most parsed callback URLs kept; past it the cache starts over.
 const URL_CACHE: usize = 10_000;
 
-/// An application's secret keys and when they were read.
-type CachedKeys = (Instant, Arc<Vec<SecretKey>>);
+/// An application's secret keys as last read.
+struct CachedKeys {
+    read_at: Instant,
+    keys: Arc<Vec<SecretKey>>,
+    /// Since when one attempt has been reading them again.
+    refreshing: Option<Instant>,
+}
+
+/// What the cache holds for an application.
+enum Cached {
+    Usable(Arc<Vec<SecretKey>>),
+    /// Due to be read again, by the caller that was told so; usable meanwhile if that read fails.
+    Stale(Arc<Vec<SecretKey>>),
+    Missing,
+}
 
 impl Engine {
     pub fn new(
@@ -87,6 +105,7 @@ impl Engine {
             kicked_at: AtomicI64::new(i64::MIN),
             wake: Notify::new(),
             keys: Mutex::new(HashMap::new()),
+            keys_loading: tokio::sync::Mutex::new(()),
             urls: Mutex::new(HashMap::new()),
         });
         (engine, rx)
@@ -173,28 +192,72 @@ impl Engine {
         Some(parsed)
     }
 
-    /// The application's newest secret key whose validFrom has passed.
-    async fn app_key(&self, app_id: i64) -> Option<String> {
-        let cached = self.keys.lock().ok().and_then(|k| {
-            k.get(&app_id)
-                .filter(|(at, _)| at.elapsed() < KEY_CACHE_TTL)
-                .map(|(_, keys)| keys.clone())
-        });
-        let keys = match cached {
-            Some(k) => k,
-            None => {
-                let fresh = Arc::new(self.store.secret_keys(app_id).await.ok()?);
-                if let Ok(mut k) = self.keys.lock() {
-                    k.insert(app_id, (Instant::now(), fresh.clone()));
+    /// The application's newest secret key whose validFrom has passed; `None` when it has none (callbacks then go
+    /// out unsigned, as documented). An error means its keys could not be read and none are cached: the
+    /// callback must not go out unsigned for it.
+    ///
+    /// Keys are read again once a second (a key created on another node is used within about that). Then one
+    /// attempt reads them while the others go on with the keys it replaces, rather than every attempt in flight
+    /// reading them at once; if that read fails they go on with those keys, and an attempt tries again after
+    /// `KEY_REFRESH_WAIT`. An application seen for the first time (or whose keys changed on this node) has its
+    /// attempts wait for one read.
+    async fn app_key(&self, app_id: i64) -> Result<Option<String>> {
+        let keys = match self.cached_keys(app_id) {
+            Cached::Usable(keys) => keys,
+            Cached::Stale(keys) => self.read_keys(app_id).await.unwrap_or(keys),
+            Cached::Missing => {
+                let _one_read = self.keys_loading.lock().await;
+                match self.cached_keys(app_id) {
+                    // Read by the attempt this one waited for.
+                    Cached::Usable(keys) => keys,
+                    _ => self.read_keys(app_id).await?,
                 }
-                fresh
             }
         };
         let now = now_ms();
-        keys.iter()
+        Ok(keys
+            .iter()
             .filter(|k| k.valid_from <= now)
             .max_by_key(|k| (k.valid_from, k.id))
-            .map(|k| k.value.clone())
+            .map(|k| k.value.clone()))
+    }
+
+    /// The application's cached keys, as usable, due to be read again by this caller (now marked as being read),
+    /// or missing.
+    fn cached_keys(&self, app_id: i64) -> Cached {
+        let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match cache.get_mut(&app_id) {
+            None => Cached::Missing,
+            Some(c) if c.read_at.elapsed() < KEY_CACHE_TTL => Cached::Usable(c.keys.clone()),
+            Some(c) if c.refreshing.is_some_and(|since| since.elapsed() < KEY_REFRESH_WAIT) => {
+                Cached::Usable(c.keys.clone())
+            }
+            Some(c) => {
+                c.refreshing = Some(Instant::now());
+                Cached::Stale(c.keys.clone())
+            }
+        }
+    }
+
+    /// Reads the application's keys from the store into the cache.
+    async fn read_keys(&self, app_id: i64) -> Result<Arc<Vec<SecretKey>>> {
+        let fresh = match self.store.secret_keys(app_id).await {
+            Ok(keys) => Arc::new(keys),
+            Err(e) => {
+                tracing::warn!(app_id, error = %e, "reading the application's secret keys failed");
+                return Err(e);
+            }
+        };
+        let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.insert(
+            app_id,
+            CachedKeys {
+                read_at: Instant::now(),
+                keys: fresh.clone(),
+                refreshing: None,
+            },
+        );
+        Ok(fresh)
     }
 
     /// Starts the dispatcher, the result recorder and the scheduler. The returned handle finishes once shutdown
@@ -282,7 +345,7 @@ impl Engine {
 
     async fn attempt(&self, job: &DeliveryJob) -> AttemptRecord {
         let key = match &job.webhook_secret {
-            Some(k) => Some(k.clone()),
+            Some(k) => Ok(Some(k.clone())),
             None => self.app_key(job.app_id).await,
         };
         let attempt = Attempt {
@@ -291,7 +354,11 @@ impl Engine {
             node: &self.settings.node_id,
             standard_webhooks: self.settings.standard_webhooks,
         };
-        let record = attempt.run(job, key.as_deref(), self.parsed_url(&job.url)).await;
+        let key = key
+            .as_ref()
+            .map(Option::as_deref)
+            .map_err(|e| format!("the application's secret keys could not be read: {e}"));
+        let record = attempt.run(job, key, self.parsed_url(&job.url)).await;
         let (idx, label) = match record.outcome {
             Outcome::Delivered => (0, "delivered"),
             Outcome::RetryAt(_) => (1, "retry"),
