@@ -6,7 +6,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1171,14 +1171,22 @@ fn machine() -> Value {
         .trim()
         .to_string();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
+    // The checkout the binary was built in (it sits in its target directory), else the current directory's.
+    let built_in = std::env::current_exe()
         .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let commit = [built_in, None]
+        .into_iter()
+        .find_map(|dir| {
+            let mut git = Command::new("git");
+            if let Some(dir) = dir {
+                git.arg("-C").arg(dir);
+            }
+            let out = git.args(["rev-parse", "--short", "HEAD"]).output().ok()?;
+            let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
+            (out.status.success() && !commit.is_empty()).then_some(commit)
+        })
+        .unwrap_or_default();
     json!({"cores": cores, "cpu": model, "commit": commit})
 }
 
