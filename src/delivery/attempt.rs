@@ -157,30 +157,45 @@ impl Attempt<'_> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn what_cannot_be_sent_is_a_failed_attempt_with_its_reason() {
+    /// A delivery client for loopback and a one-step retry schedule, for `attempt`.
+    fn client_and_policy() -> (DeliveryClient, RetryPolicy) {
         let client = DeliveryClient::new(crate::callback::Policy::AllowPrivate, Duration::from_secs(1), 1);
         let policy = RetryPolicy {
             schedule: vec![Duration::from_secs(5)],
         };
-        let attempt = Attempt {
-            client: &client,
-            policy: &policy,
+        (client, policy)
+    }
+
+    fn attempt<'a>(client: &'a DeliveryClient, policy: &'a RetryPolicy, standard_webhooks: bool) -> Attempt<'a> {
+        Attempt {
+            client,
+            policy,
             node: "n",
-            standard_webhooks: true,
-        };
-        let job = DeliveryJob {
+            standard_webhooks,
+        }
+    }
+
+    /// A first attempt's job for `event_key`, to `url`, with no secret of its webhook's own.
+    fn job(event_key: &str, url: String) -> DeliveryJob {
+        DeliveryJob {
             id: 1,
-            event_key: "line\nbreak".into(),
+            event_key: event_key.into(),
             app_id: 1,
             subscription_key: "s".into(),
-            url: "http://127.0.0.1:9/hook".into(),
+            url,
             body: bytes::Bytes::from_static(b"{}"),
             webhook_secret: None,
             attempts: 0,
             lease_until: i64::MAX,
             updated_at: 0,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn what_cannot_be_sent_is_a_failed_attempt_with_its_reason() {
+        let (client, policy) = client_and_policy();
+        let attempt = attempt(&client, &policy, true);
+        let job = job("line\nbreak", "http://127.0.0.1:9/hook".into());
         // An eventKey that no header can carry, sent as the Standard Webhooks id.
         let url: Uri = job.url.parse().expect("uri");
         let r = attempt.run(&job, Ok(Some("c2VjcmV0")), Some(url)).await;
@@ -201,29 +216,10 @@ mod tests {
     /// and the attempt fails with the reason and is retried.
     #[tokio::test]
     async fn a_callback_whose_keys_could_not_be_read_is_not_sent() {
-        let client = DeliveryClient::new(crate::callback::Policy::AllowPrivate, Duration::from_secs(1), 1);
-        let policy = RetryPolicy {
-            schedule: vec![Duration::from_secs(5)],
-        };
-        let attempt = Attempt {
-            client: &client,
-            policy: &policy,
-            node: "n",
-            standard_webhooks: false,
-        };
+        let (client, policy) = client_and_policy();
+        let attempt = attempt(&client, &policy, false);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let job = DeliveryJob {
-            id: 1,
-            event_key: "k".into(),
-            app_id: 1,
-            subscription_key: "s".into(),
-            url: format!("http://{}/hook", listener.local_addr().expect("addr")),
-            body: bytes::Bytes::from_static(b"{}"),
-            webhook_secret: None,
-            attempts: 0,
-            lease_until: i64::MAX,
-            updated_at: 0,
-        };
+        let job = job("k", format!("http://{}/hook", listener.local_addr().expect("addr")));
         let url: Uri = job.url.parse().expect("uri");
         let r = attempt
             .run(&job, Err("the keys could not be read".into()), Some(url.clone()))
