@@ -328,3 +328,43 @@ async fn one_node_at_a_time_prunes() {
     assert_eq!(pruned, (3, 3, 3));
     assert!(app.deliveries("").await.is_empty());
 }
+
+/// A claim writes its leases in place: the deliveries table leaves each row room on its page for the leased
+/// version, so claiming a backlog adds no index entries (a HOT update). Packed to 70%, a claim of the
+/// consecutive rows of a page found room for fewer than half of them.
+#[tokio::test]
+async fn claims_lease_deliveries_in_place() {
+    let Some(url) = postgres("claims_lease_deliveries_in_place") else {
+        return;
+    };
+    const EVENTS: i64 = 1_000;
+    // A node without workers commits every delivery unleased; the worker that joins claims them all.
+    let publisher = TestApp::on_with(Backend::Postgres(url), |a| a.no_worker = true).await;
+    let rx = Receiver::start().await;
+    publisher.subscribe("webinar.created", &rx.url).await;
+    publisher.publish(events(0, EVENTS)).await;
+    let worker = publisher.join(|_| {}).await;
+    rx.wait_for(EVENTS as usize, Duration::from_secs(60)).await;
+
+    // Each delivery is updated twice: its claim (the lease) and its result (a new state, never in place).
+    let pool = sqlx::PgPool::connect(&publisher.db_url).await.unwrap();
+    let updates = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'deliveries'::regclass",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    eventually("the updates counted", Duration::from_secs(30), || async {
+        updates().await.0 >= 2 * EVENTS
+    })
+    .await;
+    let (all, in_place) = updates().await;
+    assert!(
+        in_place * 5 >= EVENTS * 4,
+        "{in_place} of {all} updates in place, for {EVENTS} claims"
+    );
+    worker.stop().await;
+    publisher.stop().await;
+}
