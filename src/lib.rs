@@ -52,6 +52,17 @@ pub enum Role {
     Worker,
 }
 
+impl Role {
+    /// What `serve` runs: API and workers, or the API alone with `--no-worker`.
+    pub fn serve(args: &ServeArgs) -> Self {
+        if args.no_worker {
+            Role::Api
+        } else {
+            Role::All
+        }
+    }
+}
+
 /// Tokens of dev mode, derived from a seed stored in the database so every restart prints the same ones.
 #[derive(Debug, Clone)]
 pub struct DevTokens {

@@ -25,7 +25,7 @@ async fn main() -> std::process::ExitCode {
     }
     let result = match args.command {
         Command::Serve(s) => {
-            let role = if s.no_worker { Role::Api } else { Role::All };
+            let role = Role::serve(&s);
             serve(s, role).await
         }
         Command::Worker(s) => serve(s, Role::Worker).await,

@@ -148,8 +148,7 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        // As `serve --no-worker` does: the node answers the API and leaves every delivery to other nodes.
-        let role = if args.no_worker { Role::Api } else { Role::All };
+        let role = Role::serve(&args);
         let handle = tokio::spawn(run(args, role, listener, shutdown.clone()));
         let http = reqwest::Client::new();
         let base = format!("http://{addr}");
