@@ -162,7 +162,7 @@ pub async fn run(
         engine,
         policy,
         check_client: callback::client(policy, args.callback_check_timeout, 4),
-        admin_token_hash: admin_token.map(|t| Sha256::digest(t.as_bytes()).to_vec()),
+        admin_token_hash: admin_token.map(|t| Sha256::digest(t.as_bytes()).into()),
         rate_limit: args.rate_limit.map(|n| Arc::new(http::limit::RateLimit::new(n))),
     };
     let app = match role {

@@ -157,7 +157,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let Some(expected) = state.admin_token_hash.as_deref() else {
+        let Some(expected) = &state.admin_token_hash else {
             return Err(Error::Forbidden(
                 "the admin API is disabled: start the server with --admin-token".into(),
             ));
@@ -165,7 +165,7 @@ impl FromRequestParts<AppState> for Admin {
         let token = bearer(parts).ok_or_else(|| Error::Forbidden("the admin token is required".into()))?;
         // Compare digests so that neither content nor length leaks through timing.
         let given = Sha256::digest(token.as_bytes());
-        if bool::from(given.as_slice().ct_eq(expected)) {
+        if bool::from(given.as_slice().ct_eq(expected.as_slice())) {
             Ok(Admin)
         } else {
             Err(Error::Forbidden("invalid admin token".into()))

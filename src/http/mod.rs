@@ -35,8 +35,8 @@ pub struct AppState {
     pub policy: Policy,
     /// Client for callback validation GETs.
     pub check_client: reqwest::Client,
-    /// SHA-256 of the admin token; None disables the admin API.
-    pub admin_token_hash: Option<Vec<u8>>,
+    /// SHA-256 of the admin token; None disables the admin API. (Inline: the state is cloned per request.)
+    pub admin_token_hash: Option<[u8; 32]>,
     /// GoTo's per-token request limit, when `--rate-limit` is set.
     pub rate_limit: Option<Arc<limit::RateLimit>>,
 }
