@@ -11,7 +11,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::common::sql_store;
+use super::common::{retention_bound, sql_store};
 use super::*;
 use crate::domain::{format_ms, new_key, now_ms, State};
 
@@ -132,29 +132,32 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
     // Rows: kind 1, a delivery created (and its webhook's secret key), only when this node takes them (a lease);
     // kind 2, an event inserted, with its count of deliveries; kind 3, an event the statement could not insert,
     // with the count stored by its first publish when that one is visible (committed before this statement
-    // began) and the count its fan-out would give otherwise.
+    // began) and the count its fan-out would give otherwise. Delivery ids are drawn in `targets`, so each event
+    // keeps the range its deliveries lie in (how they are found again).
     let rows = sqlx::query(
         "WITH input AS ( \
            SELECT k, o, n, b, i FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::bytea[]) \
              WITH ORDINALITY AS t(k, o, n, b, i)), \
          firsts AS (SELECT DISTINCT ON (k) k, o, n, b FROM input ORDER BY k, i), \
          targets AS ( \
-           SELECT f.k, f.n, s.subscription_key, s.app_id, s.webhook_key, \
+           SELECT nextval('deliveries_id_seq') AS id, f.k, f.n, s.subscription_key, s.app_id, s.webhook_key, \
                   COALESCE(s.callback_url, w.callback_url) AS url \
            FROM firsts f \
            JOIN user_subscriptions s ON s.organizer_key = f.o AND s.state = 'ACTIVE' \
            JOIN webhooks w ON w.webhook_key = s.webhook_key AND w.event_name = f.n AND w.state = 'ACTIVE'), \
          counted AS ( \
-           SELECT f.k, f.o, f.n, f.b, COALESCE(tc.c, 0) AS c FROM firsts f \
-           LEFT JOIN (SELECT k, count(*) AS c FROM targets GROUP BY k) tc ON tc.k = f.k), \
+           SELECT f.k, f.o, f.n, f.b, COALESCE(tc.c, 0) AS c, tc.lo, tc.hi FROM firsts f \
+           LEFT JOIN (SELECT k, count(*) AS c, min(id) AS lo, max(id) AS hi FROM targets GROUP BY k) tc \
+             ON tc.k = f.k), \
          ev AS ( \
-           INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
-           SELECT k, o, n, b, c, $5 FROM counted ON CONFLICT (event_key) DO NOTHING \
+           INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, first_delivery, \
+             last_delivery, created_at) \
+           SELECT k, o, n, b, c, lo, hi, $5 FROM counted ON CONFLICT (event_key) DO NOTHING \
            RETURNING event_key, deliveries), \
          ins AS ( \
-           INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+           INSERT INTO deliveries (id, event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
              attempts, next_attempt_at, lease_owner, lease_until, created_at, updated_at) \
-           SELECT t.k, t.n, t.app_id, t.webhook_key, t.subscription_key, t.url, 'pending', 0, $5, $6, $7, $5, $5 \
+           SELECT t.id, t.k, t.n, t.app_id, t.webhook_key, t.subscription_key, t.url, 'pending', 0, $5, $6, $7, $5, $5 \
            FROM targets t JOIN ev ON ev.event_key = t.k \
            RETURNING id, event_key, subscription_key, app_id, url, webhook_key) \
          SELECT 1 AS kind, ins.id, ins.event_key, ins.subscription_key, ins.app_id, ins.url, w.secret_key, \
@@ -522,32 +525,29 @@ sql_store!(PgStore, Postgres, PgRow, {
             return Ok(Pruned::default());
         }
         // One statement. Its parts share one snapshot, in which the deliveries it deletes still exist: an event
-        // goes when no delivery outside those refers to it. Deliveries are found by created_at, which an event
-        // shares with its publish group: the groups' remaining deliveries are read once through
-        // `deliveries_created`, not once per event, and every part goes through an index, so a pass costs what
-        // it removes, not the size of the tables. Rows the delivery path has locked are left for the next pass
-        // rather than waited for.
-        let row = sqlx::query(
+        // goes when no delivery outside those refers to it, looked for within the range of ids kept on it (one
+        // range scan of the primary key per event, as a scalar subquery: written as `NOT EXISTS` it was planned
+        // as a hash join over every delivery). The deliveries are found by walking the primary key up to where
+        // `before` falls in it, so a pass costs what it removes (and the unfinished deliveries it steps over), not
+        // the size of the tables. Rows the delivery path has locked are left for the next pass rather than waited
+        // for.
+        let sql = format!(
             "WITH d AS ( \
                DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
-                 WHERE created_at < $1 AND updated_at < $1 AND state IN ('delivered', 'failed') \
-                 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-               RETURNING id, event_key, created_at), \
+                 WHERE id < {bound} AND created_at < $1 AND updated_at < $1 AND state IN ('delivered', 'failed') \
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+               RETURNING id, event_key), \
              a AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM d) RETURNING 1), \
-             g AS (SELECT array_agg(DISTINCT created_at) AS at, array_agg(id) AS ids FROM d), \
-             kept AS (SELECT x.event_key FROM deliveries x, g \
-               WHERE x.created_at = ANY(g.at) AND x.id <> ALL(g.ids)), \
-             e AS (DELETE FROM events WHERE event_key IN \
-               (SELECT event_key FROM d EXCEPT SELECT event_key FROM kept) RETURNING 1), \
+             e AS (DELETE FROM events ev WHERE ev.event_key IN (SELECT event_key FROM d) \
+               AND (SELECT x.id FROM deliveries x WHERE x.id BETWEEN ev.first_delivery AND ev.last_delivery \
+                 AND x.event_key = ev.event_key AND x.id NOT IN (SELECT id FROM d) LIMIT 1) IS NULL RETURNING 1), \
              e0 AS (DELETE FROM events WHERE event_key IN (SELECT event_key FROM events \
                WHERE deliveries = 0 AND created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
              SELECT (SELECT count(*) FROM d) AS deliveries, (SELECT count(*) FROM a) AS attempts, \
                (SELECT count(*) FROM e) + (SELECT count(*) FROM e0) AS events",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_one(&mut *tx)
-        .await?;
+            bound = retention_bound("$1")
+        );
+        let row = sqlx::query(&sql).bind(before).bind(limit).fetch_one(&mut *tx).await?;
         tx.commit().await?;
         let count = |c: &str| row.try_get::<i64, _>(c).map(|n| n as u64);
         Ok(Pruned {

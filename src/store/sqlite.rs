@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::common::sql_store;
+use super::common::{retention_bound, sql_store};
 use super::*;
 use crate::domain::{format_ms, new_key, now_ms, State};
 
@@ -482,8 +482,9 @@ impl MultiRow {
 }
 
 static INSERT_EVENTS: MultiRow = MultiRow::new(
-    "INSERT OR FAIL INTO events (rowid, event_key, organizer_key, event_name, body, deliveries, created_at) VALUES ",
-    "(#, #, #, #, #, #, ?1)",
+    "INSERT OR FAIL INTO events (rowid, event_key, organizer_key, event_name, body, deliveries, first_delivery, \
+     last_delivery, created_at) VALUES ",
+    "(#, #, #, #, #, #, #, #, ?1)",
     " ON CONFLICT (event_key) DO NOTHING RETURNING rowid",
     1,
 );
@@ -576,33 +577,33 @@ fn apply_batch_once(hot: &mut Hot, ops: &[WriteOp], held: &Held) -> Result<Vec<V
 /// a delivery's attempts go with it, and an event goes only when no delivery refers to it.
 fn prune_rows(conn: &mut rusqlite::Connection, before: i64, limit: i64) -> Result<Pruned> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let gone: Vec<(i64, String, i64)> = tx
-        .prepare_cached(
+    // The primary key is walked up to where `before` falls in it: a pass costs what it removes (and the
+    // unfinished deliveries it steps over), not the size of the table.
+    let gone: Vec<(i64, String)> = tx
+        .prepare_cached(&format!(
             "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
-               WHERE created_at < ?1 AND updated_at < ?1 AND state IN ('delivered', 'failed') \
-               ORDER BY created_at LIMIT ?2) \
-             RETURNING id, event_key, created_at",
-        )?
-        .query_map(rusqlite::params![before, limit], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })?
+               WHERE id < {} AND created_at < ?1 AND updated_at < ?1 AND state IN ('delivered', 'failed') \
+               ORDER BY id LIMIT ?2) \
+             RETURNING id, event_key",
+            retention_bound("?1")
+        ))?
+        .query_map(rusqlite::params![before, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let ids = serde_json::to_string(&gone.iter().map(|g| g.0).collect::<Vec<_>>())
         .map_err(|e| Error::Internal(e.to_string()))?;
     let attempts = tx
         .prepare_cached("DELETE FROM attempts WHERE delivery_id IN (SELECT value FROM json_each(?1))")?
         .execute([&ids])? as u64;
-    let mut keys: Vec<(&str, i64)> = gone.iter().map(|g| (g.1.as_str(), g.2)).collect();
+    let mut keys: Vec<&str> = gone.iter().map(|g| g.1.as_str()).collect();
     keys.sort_unstable();
     keys.dedup();
     let keys = serde_json::to_string(&keys).map_err(|e| Error::Internal(e.to_string()))?;
-    // An event's deliveries share its created_at, which is indexed, with every event of its publish group: the
-    // deliveries still left in those groups are read once, not once per event.
+    // An event goes with its last delivery, looked for within the range of ids kept on it.
     let mut events = tx
         .prepare_cached(
-            "DELETE FROM events WHERE event_key IN (SELECT k.value ->> 0 FROM json_each(?1) k) \
-               AND event_key NOT IN (SELECT d.event_key FROM deliveries d \
-                 WHERE d.created_at IN (SELECT k.value ->> 1 FROM json_each(?1) k))",
+            "DELETE FROM events WHERE event_key IN (SELECT value FROM json_each(?1)) \
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id BETWEEN events.first_delivery \
+                 AND events.last_delivery AND d.event_key = events.event_key)",
         )?
         .execute([&keys])? as u64;
     events += tx
@@ -675,7 +676,14 @@ fn publish_all(
     let fan_out = |i: usize| groups[target_of[i]].as_slice();
 
     // Events, in order, each with the next rowid; ON CONFLICT keeps publishing idempotent (a key repeated
-    // within the group conflicts with its first occurrence). RETURNING names the rows inserted.
+    // within the group conflicts with its first occurrence). RETURNING names the rows inserted. Each event is
+    // given the next ids from the writer's counter for its deliveries, and keeps their range (how they are found
+    // again); an event not inserted leaves its ids unused.
+    let mut first_ids = Vec::with_capacity(events.len());
+    for i in 0..events.len() {
+        first_ids.push(*next_id);
+        *next_id += fan_out(i).len() as i64;
+    }
     let first_event = *next_event;
     *next_event += events.len() as i64;
     let mut inserted = vec![false; events.len()];
@@ -690,7 +698,11 @@ fn publish_all(
             stmt.raw_bind_parameter(p(2), ev.organizer_key)?;
             stmt.raw_bind_parameter(p(3), ev.event_name.as_str())?;
             stmt.raw_bind_parameter(p(4), ev.body.as_ref())?;
-            stmt.raw_bind_parameter(p(5), fan_out(offset + r).len() as i64)?;
+            let n = fan_out(offset + r).len() as i64;
+            let first = first_ids[offset + r];
+            stmt.raw_bind_parameter(p(5), n)?;
+            stmt.raw_bind_parameter(p(6), (n > 0).then_some(first))?;
+            stmt.raw_bind_parameter(p(7), (n > 0).then_some(first + n - 1))?;
         }
         let mut rows = stmt.raw_query();
         while let Some(row) = rows.next()? {
@@ -729,9 +741,7 @@ fn publish_all(
                 continue;
             }
             let mut jobs = Vec::new();
-            for t in targets {
-                let id = *next_id;
-                *next_id += 1;
+            for (id, t) in (first_ids[i]..).zip(targets) {
                 rows.push((id, ev, t));
                 if lease.is_some() {
                     jobs.push(DeliveryJob {

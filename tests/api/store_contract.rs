@@ -18,7 +18,8 @@ crate::on_both!(
     a_backlog_drains_in_full_claims_and_what_falls_behind_is_claimed_again,
     retention_removes_what_finished_before_the_cutoff_and_nothing_pending,
     ids_of_removed_deliveries_are_not_given_again_after_a_restart,
-    an_event_goes_with_its_last_delivery
+    an_event_goes_with_its_last_delivery,
+    a_database_from_before_delivery_id_ranges_finds_its_events_deliveries
 );
 
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
@@ -536,4 +537,74 @@ async fn an_event_goes_with_its_last_delivery(b: Backend) {
         .await
         .unwrap();
     assert!(again.iter().all(|o| !o.duplicate), "{again:?}");
+}
+
+/// A database written before events kept the range of their deliveries' ids: the migration fills the ranges in,
+/// and an event's deliveries are then listed, retried and removed through them.
+async fn a_database_from_before_delivery_id_ranges_finds_its_events_deliveries(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = b.fresh_url(dir.path()).await;
+    let rows = "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) VALUES \
+          ('two', 7, 'webinar.created', $1, 2, 100), ('other', 7, 'webinar.created', $1, 1, 100), \
+          ('none', 7, 'webinar.created', $1, 0, 100); \
+        INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+          next_attempt_at, created_at, updated_at) VALUES \
+          ('two', 'webinar.created', 1, 'w', 's1', 'https://a.example/', 'delivered', 100, 100, 100), \
+          ('other', 'webinar.created', 1, 'w', 's1', 'https://a.example/', 'delivered', 100, 100, 100), \
+          ('two', 'webinar.created', 1, 'w', 's2', 'https://a.example/', 'failed', 100, 100, 100)";
+    match &b {
+        Backend::Sqlite => {
+            let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+            let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
+                .await
+                .unwrap();
+            let mut before = sqlx::migrate!("migrations/sqlite");
+            before.migrations = before
+                .migrations
+                .iter()
+                .filter(|m| m.version < 5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            before.run(&pool).await.unwrap();
+            for statement in rows.split("; ") {
+                sqlx::query(statement).bind(&b"{}"[..]).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        Backend::Postgres(_) => {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            let mut before = sqlx::migrate!("migrations/postgres");
+            before.migrations = before
+                .migrations
+                .iter()
+                .filter(|m| m.version < 8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            before.run(&pool).await.unwrap();
+            for statement in rows.split("; ") {
+                sqlx::query(statement).bind(&b"{}"[..]).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+    }
+    let s = store::connect(&url, 4, "normal").await.unwrap();
+    let of = |key: &str| DeliveryFilter {
+        event_key: Some(key.into()),
+        limit: 100,
+        ..Default::default()
+    };
+    let two = s.list_deliveries(&of("two")).await.unwrap();
+    let mut subs: Vec<&str> = two.iter().map(|d| d.subscription_key.as_str()).collect();
+    subs.sort_unstable();
+    assert_eq!(subs, ["s1", "s2"]);
+    assert_eq!(s.list_deliveries(&of("other")).await.unwrap().len(), 1);
+    assert!(s.list_deliveries(&of("none")).await.unwrap().is_empty());
+    assert_eq!(s.retry_deliveries(RetryTarget::Event("other")).await.unwrap(), 1);
+    // The retried delivery is pending again, so it and its event stay; the rest goes.
+    let pruned = s.prune(g2w_webhooks::domain::now_ms() + 1000, 1000).await.unwrap();
+    assert_eq!((pruned.deliveries, pruned.events), (2, 2));
+    assert!(s.list_deliveries(&of("two")).await.unwrap().is_empty());
+    assert_eq!(s.list_deliveries(&of("other")).await.unwrap().len(), 1);
 }
