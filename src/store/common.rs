@@ -414,6 +414,33 @@ impl Store for $store {
         if let Some(v) = f.until {
             qb.push(" AND created_at < ").push_bind(v);
         }
+        // The walk of the primary key is bounded to ids that can hold the window: by the slack, the rows before
+        // the first bound were all created before `since`, and those from the second on at or after `until`.
+        // They are found first, so the listing's plan sees a range, not a subquery of unknown size.
+        if f.since.is_some() || f.until.is_some() {
+            const SLACK: i64 = $crate::store::common::CREATION_ORDER_SLACK_MS;
+            let bound = |present: bool, param: &str| match present {
+                true => $crate::store::common::id_bound(param),
+                false => "CAST(NULL AS BIGINT)".to_string(),
+            };
+            let sql = format!(
+                "SELECT {} AS first_id, {} AS end_id",
+                bound(f.since.is_some(), "$1"),
+                bound(f.until.is_some(), "$2")
+            );
+            let row = sqlx::query(&sql)
+                .bind(f.since.map_or(0, |v| v.saturating_sub(SLACK)))
+                .bind(f.until.map_or(0, |v| v.saturating_add(SLACK)))
+                .fetch_one(&self.read)
+                .await?;
+            // NULL on an empty table: the comparison then lists nothing, as there is nothing.
+            if f.since.is_some() {
+                qb.push(" AND id >= ").push_bind(row.try_get::<Option<i64>, _>("first_id")?);
+            }
+            if f.until.is_some() {
+                qb.push(" AND id < ").push_bind(row.try_get::<Option<i64>, _>("end_id")?);
+            }
+        }
         if let Some(v) = f.before_id {
             qb.push(" AND id < ").push_bind(v);
         }
@@ -492,20 +519,27 @@ $($hot)*
 
 pub(crate) use sql_store;
 
-/// The subquery retention bounds its walk of the primary key with: the id below which deliveries were created
-/// before `before` (the parameter written `param`), found by a binary search of the primary key (about 40
-/// probes of one index entry each), as the index on `created_at` is gone. Ids are handed out in creation order
-/// up to the few milliseconds two publish groups committing at once can swap, so a delivery just past the bound
-/// is left to a later pass; the walk still checks every row's own `created_at`. NULL on an empty table. (The
-/// ends are read apart: SQLite reads `min` and `max` through the index only when each is alone.)
-pub(crate) fn retention_bound(param: &str) -> String {
+/// How far the order of deliveries' ids and of their `created_at` may disagree: a delivery's time is read by the
+/// node that publishes it, its id given when its group commits, so a group that waited on its commit (the
+/// slowest seen took a quarter of a second) or nodes' clocks apart can put a later id at an earlier time. A
+/// walk bounded by creation time reads this much more of the table at each end of its window.
+pub(crate) const CREATION_ORDER_SLACK_MS: i64 = 10_000;
+
+/// A subquery for the id where `created_at` reaches `at` (an SQL expression) in the primary key, found by a
+/// binary search of it (about 40 probes of one index entry each), as there is no index on `created_at`. NULL
+/// on an empty table. If the search ends past the first row, the row just before the bound was created before
+/// `at`; if before the last, the first row at or past it was created at or after `at`. Ids are handed out in
+/// creation order only up to [`CREATION_ORDER_SLACK_MS`], so a walk bounded by it still checks every row's own
+/// `created_at`, and one that must be exact moves `at` by the slack. (The ends are read apart: SQLite reads
+/// `min` and `max` through the index only when each is alone.)
+pub(crate) fn id_bound(at: &str) -> String {
     let probe = "(SELECT created_at FROM deliveries WHERE id >= (b.lo + b.hi) / 2 ORDER BY id LIMIT 1)";
     format!(
         "(WITH RECURSIVE b(lo, hi) AS ( \
            SELECT (SELECT min(id) FROM deliveries), (SELECT max(id) FROM deliveries) + 1 \
            UNION ALL \
-           SELECT CASE WHEN {probe} < {param} THEN (b.lo + b.hi) / 2 + 1 ELSE b.lo END, \
-                  CASE WHEN {probe} < {param} THEN b.hi ELSE (b.lo + b.hi) / 2 END \
+           SELECT CASE WHEN {probe} < {at} THEN (b.lo + b.hi) / 2 + 1 ELSE b.lo END, \
+                  CASE WHEN {probe} < {at} THEN b.hi ELSE (b.lo + b.hi) / 2 END \
            FROM b WHERE b.lo < b.hi) \
          SELECT max(lo) FROM b)"
     )

@@ -11,7 +11,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
 
-use super::common::{retention_bound, sql_store};
+use super::common::{id_bound, sql_store};
 use super::*;
 use crate::domain::{format_ms, new_key, now_ms, State};
 
@@ -545,7 +545,7 @@ sql_store!(PgStore, Postgres, PgRow, {
                WHERE deliveries = 0 AND created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
              SELECT (SELECT count(*) FROM d) AS deliveries, (SELECT count(*) FROM a) AS attempts, \
                (SELECT count(*) FROM e) + (SELECT count(*) FROM e0) AS events",
-            bound = retention_bound("$1")
+            bound = id_bound("$1")
         );
         let row = sqlx::query(&sql).bind(before).bind(limit).fetch_one(&mut *tx).await?;
         tx.commit().await?;

@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::common::{retention_bound, sql_store};
+use super::common::{id_bound, sql_store};
 use super::*;
 use crate::domain::{format_ms, new_key, now_ms, State};
 
@@ -585,7 +585,7 @@ fn prune_rows(conn: &mut rusqlite::Connection, before: i64, limit: i64) -> Resul
                WHERE id < {} AND created_at < ?1 AND updated_at < ?1 AND state IN ('delivered', 'failed') \
                ORDER BY id LIMIT ?2) \
              RETURNING id, event_key",
-            retention_bound("?1")
+            id_bound("?1")
         ))?
         .query_map(rusqlite::params![before, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;

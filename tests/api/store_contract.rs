@@ -19,7 +19,8 @@ crate::on_both!(
     retention_removes_what_finished_before_the_cutoff_and_nothing_pending,
     ids_of_removed_deliveries_are_not_given_again_after_a_restart,
     an_event_goes_with_its_last_delivery,
-    a_database_from_before_delivery_id_ranges_finds_its_events_deliveries
+    a_database_from_before_delivery_id_ranges_finds_its_events_deliveries,
+    listing_by_creation_time_finds_every_delivery_in_the_window
 );
 
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
@@ -552,43 +553,7 @@ async fn a_database_from_before_delivery_id_ranges_finds_its_events_deliveries(b
           ('two', 'webinar.created', 1, 'w', 's1', 'https://a.example/', 'delivered', 100, 100, 100), \
           ('other', 'webinar.created', 1, 'w', 's1', 'https://a.example/', 'delivered', 100, 100, 100), \
           ('two', 'webinar.created', 1, 'w', 's2', 'https://a.example/', 'failed', 100, 100, 100)";
-    match &b {
-        Backend::Sqlite => {
-            let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
-            let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
-                .await
-                .unwrap();
-            let mut before = sqlx::migrate!("migrations/sqlite");
-            before.migrations = before
-                .migrations
-                .iter()
-                .filter(|m| m.version < 5)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            before.run(&pool).await.unwrap();
-            for statement in rows.split("; ") {
-                sqlx::query(statement).bind(&b"{}"[..]).execute(&pool).await.unwrap();
-            }
-            pool.close().await;
-        }
-        Backend::Postgres(_) => {
-            let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            let mut before = sqlx::migrate!("migrations/postgres");
-            before.migrations = before
-                .migrations
-                .iter()
-                .filter(|m| m.version < 8)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            before.run(&pool).await.unwrap();
-            for statement in rows.split("; ") {
-                sqlx::query(statement).bind(&b"{}"[..]).execute(&pool).await.unwrap();
-            }
-            pool.close().await;
-        }
-    }
+    write_rows(&b, &url, Some((5, 8)), rows).await;
     let s = store::connect(&url, 4, "normal").await.unwrap();
     let of = |key: &str| DeliveryFilter {
         event_key: Some(key.into()),
@@ -607,4 +572,111 @@ async fn a_database_from_before_delivery_id_ranges_finds_its_events_deliveries(b
     assert_eq!((pruned.deliveries, pruned.events), (2, 2));
     assert!(s.list_deliveries(&of("two")).await.unwrap().is_empty());
     assert_eq!(s.list_deliveries(&of("other")).await.unwrap().len(), 1);
+}
+
+/// Writes `statements` (separated by "; ", each given `{}` as its one parameter) into the database at `url`
+/// before a store opens it, migrated up to below `before` (SQLite's version, PostgreSQL's), or fully.
+async fn write_rows(b: &Backend, url: &str, before: Option<(i64, i64)>, statements: &str) {
+    macro_rules! write {
+        ($pool:expr, $migrator:expr, $below:expr) => {{
+            let pool = $pool;
+            let mut migrator = $migrator;
+            if let Some(below) = $below {
+                migrator.migrations = migrator
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version < below)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .into();
+            }
+            migrator.run(&pool).await.unwrap();
+            for statement in statements.split("; ") {
+                sqlx::query(statement).bind(&b"{}"[..]).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }};
+    }
+    match b {
+        Backend::Sqlite => {
+            let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+            let pool = sqlx::SqlitePool::connect_with(options.create_if_missing(true))
+                .await
+                .unwrap();
+            write!(pool, sqlx::migrate!("migrations/sqlite"), before.map(|b| b.0))
+        }
+        Backend::Postgres(_) => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            write!(pool, sqlx::migrate!("migrations/postgres"), before.map(|b| b.1))
+        }
+    }
+}
+
+/// `since` and `until` bound the listing's walk of the primary key by ids found for them, yet every delivery
+/// created in the window is listed, also where the order of ids and of `created_at` disagree (nodes' clocks,
+/// a publish group that waited), by up to the slack the store allows for it.
+async fn listing_by_creation_time_finds_every_delivery_in_the_window(b: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = b.fresh_url(dir.path()).await;
+    const BASE: i64 = 1_700_000_000_000;
+    // A second apart in id order, each moved by up to 4 s either way (scattered): later ids up to 6 s earlier.
+    let created: Vec<i64> = (0..300i64)
+        .map(|i| BASE + i * 1000 + ((i * i * 31 + i * 7 + 17) % 9 - 4) * 1000)
+        .collect();
+    let values: Vec<String> = created
+        .iter()
+        .map(|at| format!("('e', 'webinar.created', 1, 'w', 's', 'https://a.example/', 'delivered', {at}, {at}, {at})"))
+        .collect();
+    let rows = format!(
+        "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) \
+           VALUES ('e', 7, 'webinar.created', $1, 300, {BASE}); \
+         INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
+           next_attempt_at, created_at, updated_at) VALUES {}",
+        values.join(", ")
+    );
+    write_rows(&b, &url, None, &rows).await;
+    let s = store::connect(&url, 4, "normal").await.unwrap();
+    let all = s
+        .list_deliveries(&DeliveryFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), created.len());
+    let at_of_id: std::collections::HashMap<i64, i64> = all.iter().map(|d| (d.id, d.created_at)).collect();
+
+    let edges = [
+        BASE - 100_000,
+        BASE,
+        BASE + 42_500,
+        BASE + 150_000,
+        BASE + 299_000,
+        BASE + 400_000,
+    ];
+    for since in edges.iter().map(|&e| Some(e)).chain([None]) {
+        for until in edges.iter().map(|&e| Some(e)).chain([None]) {
+            let got: Vec<i64> = s
+                .list_deliveries(&DeliveryFilter {
+                    since,
+                    until,
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .iter()
+                .map(|d| d.id)
+                .collect();
+            let want: Vec<i64> = all
+                .iter()
+                .map(|d| d.id)
+                .filter(|id| {
+                    let at = at_of_id[id];
+                    since.is_none_or(|v| at >= v) && until.is_none_or(|v| at < v)
+                })
+                .collect();
+            assert_eq!(got, want, "since {since:?}, until {until:?}");
+        }
+    }
 }
