@@ -432,7 +432,8 @@ impl Engine {
                 self.starved.store(true, Ordering::Relaxed);
             } else {
                 let limit = room.min(CLAIM_BATCH);
-                match self.store.claim_due(now_ms(), &self.lease(), limit as i64).await {
+                let claimed_at = now_ms();
+                match self.store.claim_due(claimed_at, &self.lease(), limit as i64).await {
                     Ok(jobs) => {
                         let full = jobs.len() == limit;
                         for job in jobs {
@@ -443,13 +444,13 @@ impl Engine {
                         }
                         self.starved.store(false, Ordering::Relaxed);
                         match self.store.next_due(now_ms()).await {
-                            Ok(Some(at)) if at > now_ms() => {
-                                wait = wait.min(Duration::from_millis((at - now_ms()) as u64));
-                            }
-                            // Due now but not claimable: held in memory here (or leased elsewhere). The next
-                            // recorded result wakes the scheduler.
-                            Ok(Some(_)) => self.starved.store(true, Ordering::Relaxed),
-                            Ok(None) => {}
+                            Ok(next) => match after_claim(claimed_at, next, now_ms()) {
+                                AfterClaim::ClaimAgain => continue,
+                                AfterClaim::WaitMs(ms) => wait = wait.min(Duration::from_millis(ms)),
+                                // The next recorded result wakes the scheduler.
+                                AfterClaim::Starved => self.starved.store(true, Ordering::Relaxed),
+                                AfterClaim::Poll => {}
+                            },
                             Err(e) => {
                                 tracing::warn!(error = %e, "reading the next due delivery failed")
                             }
@@ -466,5 +467,51 @@ impl Engine {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+/// What the scheduler does after a claim that left room, given the earliest due time of a delivery no node
+/// holds (`next`, read after the claim).
+#[derive(Debug, PartialEq, Eq)]
+enum AfterClaim {
+    /// A delivery fell due between the claim and now (a retry due within milliseconds): claim it now, rather
+    /// than take it for one the claim could not have and wait for a wake-up that may never come.
+    ClaimAgain,
+    /// The next delivery falls due this many milliseconds from now.
+    WaitMs(u64),
+    /// Due when the claim ran, yet not claimed: held in memory here (or locked by another node). The next
+    /// recorded result wakes the scheduler.
+    Starved,
+    /// Nothing waits: sleep until woken or the poll interval.
+    Poll,
+}
+
+fn after_claim(claimed_at: i64, next: Option<i64>, now: i64) -> AfterClaim {
+    match next {
+        None => AfterClaim::Poll,
+        Some(at) if at <= claimed_at => AfterClaim::Starved,
+        Some(at) if at <= now => AfterClaim::ClaimAgain,
+        Some(at) => AfterClaim::WaitMs((at - now) as u64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_due_since_the_claim_is_claimed_at_once() {
+        // Due 2 ms after the claim read the clock, read back 5 ms after: the claim could not have taken it.
+        assert_eq!(after_claim(1_000, Some(1_002), 1_005), AfterClaim::ClaimAgain);
+        assert_eq!(after_claim(1_000, Some(1_005), 1_005), AfterClaim::ClaimAgain);
+    }
+
+    #[test]
+    fn after_a_claim_the_scheduler_waits_for_what_is_due_later_or_for_a_result() {
+        assert_eq!(after_claim(1_000, Some(1_020), 1_005), AfterClaim::WaitMs(15));
+        // Due when the claim ran and not taken by it: another holds it, and its result will wake the scheduler.
+        assert_eq!(after_claim(1_000, Some(1_000), 1_005), AfterClaim::Starved);
+        assert_eq!(after_claim(1_000, Some(900), 1_005), AfterClaim::Starved);
+        assert_eq!(after_claim(1_000, None, 1_005), AfterClaim::Poll);
     }
 }
