@@ -542,7 +542,8 @@ async fn a_retry_asked_for_mid_attempt_is_sent_when_that_attempt_ends(b: Backend
 /// Retries due milliseconds after their failure are claimed as they fall due, never left for the scheduler's
 /// next poll (a minute here): a retry that fell due between a claim and the look at what is due next was once
 /// taken for one held elsewhere, and waited for a wake-up that came only with another result (the code before
-/// failed this test in three runs of five, on either backend).
+/// failed this test in two runs of five with this 30 s deadline, and in three of five with a 10 s one, on
+/// either backend).
 async fn retries_due_within_milliseconds_go_out_without_waiting_for_a_poll(b: Backend) {
     let app = TestApp::on_with(b, |a| {
         a.poll_interval = Duration::from_secs(60);
