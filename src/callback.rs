@@ -93,10 +93,41 @@ pub fn check_url(raw: &str, policy: Policy) -> Result<Url, Error> {
     Ok(url)
 }
 
+/// How long a name has to resolve (the validation GET's and every delivery's).
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Look-ups running at once. The system resolver blocks a thread for each and cannot be cancelled; a slow name
+/// server holds at most this many threads, and further look-ups wait (within their timeout) rather than take more.
+const DNS_AT_ONCE: usize = 32;
+
+/// Resolves `host` with the system resolver (so `/etc/hosts` and `/etc/resolv.conf` apply), within
+/// `DNS_TIMEOUT` and at most `DNS_AT_ONCE` at a time.
+pub async fn lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    static AT_ONCE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DNS_AT_ONCE);
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, format!("resolving {host} timed out"));
+    let host_port = format!("{host}:{port}");
+    let lookup = async {
+        let permit = AT_ONCE
+            .acquire()
+            .await
+            .map_err(|_| std::io::Error::other("the resolver is closed"))?;
+        // The permit goes with the blocking look-up, so a look-up abandoned at its timeout still counts until the
+        // system resolver gives its thread back.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            std::net::ToSocketAddrs::to_socket_addrs(&host_port).map(Iterator::collect::<Vec<_>>)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(format!("resolving: {e}")))?
+    };
+    tokio::time::timeout(DNS_TIMEOUT, lookup)
+        .await
+        .map_err(|_| timed_out())?
+}
+
 /// Resolves a host name; under `Policy::Public` refuses to hand back internal addresses, so neither a callback
 /// URL nor a DNS answer that changes after validation can reach inside the network.
 async fn resolve(host: &str, policy: Policy) -> std::io::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
+    let addrs: Vec<SocketAddr> = lookup(host, 0).await?;
     if policy == Policy::AllowPrivate {
         return Ok(addrs);
     }
@@ -158,6 +189,7 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector<CallbackResolver>>;
 pub struct DeliveryClient {
     client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
     timeout: Duration,
+    policy: Policy,
 }
 
 /// A callback's answer: its status and headers, and the first bytes of its body.
@@ -216,7 +248,16 @@ impl DeliveryClient {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(https);
-        Self { client, timeout }
+        Self {
+            client,
+            timeout,
+            policy,
+        }
+    }
+
+    /// What the callback URLs it sends to may point at.
+    pub fn policy(&self) -> Policy {
+        self.policy
     }
 
     /// POSTs `body` with `headers` and reads at most `limit` bytes of the answer's body; the attempt timeout
@@ -277,10 +318,9 @@ pub async fn validate(client: &reqwest::Client, raw: &str, policy: Policy) -> Re
     if policy == Policy::Public {
         if let Some(url::Host::Domain(host)) = url.host() {
             let port = url.port_or_known_default().unwrap_or(443);
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            let addrs: Vec<SocketAddr> = lookup(host, port)
                 .await
-                .map_err(|e| Error::InvalidCallbackUrl(format!("callbackUrl {raw}: cannot resolve {host}: {e}")))?
-                .collect();
+                .map_err(|e| Error::InvalidCallbackUrl(format!("callbackUrl {raw}: cannot resolve {host}: {e}")))?;
             if let Some(a) = addrs.iter().find(|a| is_internal(a.ip())) {
                 return Err(Error::InvalidCallbackUrl(format!(
                     "callbackUrl {raw}: {host} resolves to internal address {}",

@@ -245,7 +245,7 @@ pub struct TriggerArgs {
 pub enum DeliveriesCommand {
     /// List deliveries, newest first.
     List {
-        /// pending, delivered or failed.
+        /// pending, delivered, failed, paused or cancelled.
         #[arg(long)]
         state: Option<String>,
         #[arg(long)]

@@ -75,37 +75,36 @@ fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, SendError> {
 
 impl Attempt<'_> {
     /// The delivery's headers: content type and the signatures.
-    fn headers(&self, job: &DeliveryJob, key: Option<&str>, started_at: i64) -> Result<HeaderMap, SendError> {
+    fn headers(&self, job: &DeliveryJob, key: &str, started_at: i64) -> Result<HeaderMap, SendError> {
         let timestamp = format_ms(started_at);
         let mut headers = HeaderMap::with_capacity(8);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(SIGNATURE_TIMESTAMP, value(&SIGNATURE_TIMESTAMP, &timestamp)?);
-        if let Some(key) = key {
-            let signature = signing::sign(key, &timestamp, &job.body);
-            headers.insert(SIGNATURE, value(&SIGNATURE, &signature)?);
-            if self.standard_webhooks {
-                let secs = started_at / 1000;
-                headers.insert(STANDARD_ID, value(&STANDARD_ID, &job.event_key)?);
-                headers.insert(STANDARD_TIMESTAMP, HeaderValue::from(secs));
-                let signature = signing::sign_standard(key, &job.event_key, secs, &job.body);
-                headers.insert(STANDARD_SIGNATURE, value(&STANDARD_SIGNATURE, &signature)?);
-            }
+        let signature = signing::sign(key, &timestamp, &job.body);
+        headers.insert(SIGNATURE, value(&SIGNATURE, &signature)?);
+        if self.standard_webhooks {
+            let secs = started_at / 1000;
+            headers.insert(STANDARD_ID, value(&STANDARD_ID, &job.event_key)?);
+            headers.insert(STANDARD_TIMESTAMP, HeaderValue::from(secs));
+            let signature = signing::sign_standard(key, &job.event_key, secs, &job.body);
+            headers.insert(STANDARD_SIGNATURE, value(&STANDARD_SIGNATURE, &signature)?);
         }
         Ok(headers)
     }
 
-    /// Sends the delivery and returns the attempt's record. `url` is `job.url` already parsed, when it parses.
-    /// `key` signs it (`None`: the application has no key, so it goes unsigned); an error (the keys could not be
-    /// read) sends nothing: the attempt fails with that reason and is retried like any other.
+    /// Sends the delivery to `url` (its callback URL as it stands now, checked against the address rules) signed
+    /// with `key`, and returns the attempt's record. Either one as an error (no key valid now, the keys could not
+    /// be read, an address the rules refuse) sends nothing: the attempt fails with that reason and is retried like
+    /// any other. Nothing goes out unsigned.
     pub async fn run(
         &self,
         job: &DeliveryJob,
-        key: std::result::Result<Option<&str>, String>,
-        url: Option<Uri>,
+        key: std::result::Result<&str, String>,
+        url: std::result::Result<Uri, String>,
     ) -> AttemptRecord {
         let started_at = now_ms();
         let clock = Instant::now();
-        let url = url.ok_or_else(|| SendError::Other(format!("{} is not a valid URL", job.url)));
+        let url = url.map_err(SendError::Other);
         let headers = key
             .map_err(SendError::Other)
             .and_then(|key| self.headers(job, key, started_at));
@@ -184,10 +183,13 @@ mod tests {
             subscription_key: "s".into(),
             url,
             body: bytes::Bytes::from_static(b"{}"),
+            webhook_key: "w".into(),
             webhook_secret: None,
             attempts: 0,
             lease_until: i64::MAX,
             updated_at: 0,
+            standing: crate::store::Standing::Active,
+            routes_seen: 0,
         }
     }
 
@@ -198,7 +200,7 @@ mod tests {
         let job = job("line\nbreak", "http://127.0.0.1:9/hook".into());
         // An eventKey that no header can carry, sent as the Standard Webhooks id.
         let url: Uri = job.url.parse().expect("uri");
-        let r = attempt.run(&job, Ok(Some("c2VjcmV0")), Some(url)).await;
+        let r = attempt.run(&job, Ok("c2VjcmV0"), Ok(url)).await;
         assert!(
             r.error
                 .as_deref()
@@ -206,9 +208,11 @@ mod tests {
             "{r:?}"
         );
         assert!(matches!(r.outcome, Outcome::RetryAt(_)) && r.status_code.is_none());
-        // A callback URL that does not parse.
-        let r = attempt.run(&job, Ok(None), None).await;
-        assert_eq!(r.error.as_deref(), Some("http://127.0.0.1:9/hook is not a valid URL"));
+        // A callback URL the address rules refuse.
+        let r = attempt
+            .run(&job, Ok("k"), Err("callbackUrl x: must use https".into()))
+            .await;
+        assert_eq!(r.error.as_deref(), Some("callbackUrl x: must use https"));
         assert!(matches!(r.outcome, Outcome::RetryAt(_)));
     }
 
@@ -222,15 +226,15 @@ mod tests {
         let job = job("k", format!("http://{}/hook", listener.local_addr().expect("addr")));
         let url: Uri = job.url.parse().expect("uri");
         let r = attempt
-            .run(&job, Err("the keys could not be read".into()), Some(url.clone()))
+            .run(&job, Err("the keys could not be read".into()), Ok(url.clone()))
             .await;
         assert_eq!(r.error.as_deref(), Some("the keys could not be read"));
         assert!(matches!(r.outcome, Outcome::RetryAt(_)) && r.status_code.is_none());
         let connected = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
         assert!(connected.is_err(), "nothing connected to the receiver");
-        // With the keys read (here: the application has none) the same attempt does connect.
+        // With a key the same attempt does connect.
         let both = async {
-            tokio::join!(attempt.run(&job, Ok(None), Some(url)), async {
+            tokio::join!(attempt.run(&job, Ok("k"), Ok(url)), async {
                 drop(listener.accept().await.expect("accept"));
             })
         };

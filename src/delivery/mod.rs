@@ -14,13 +14,15 @@ use tokio_util::task::TaskTracker;
 use crate::domain::{now_ms, SecretKey};
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::store::{AttemptRecord, DeliveryJob, DynStore, Lease, NewEvent, Outcome, PublishOutcome};
+use crate::store::{AttemptRecord, DeliveryJob, DynStore, Lease, NewEvent, Outcome, PublishOutcome, Signals, Standing};
 
 pub mod attempt;
 pub mod events;
 pub mod retention;
+mod routes;
 
 use attempt::{Attempt, RetryPolicy};
+use routes::{Routes, Targets};
 
 /// How long the application's secret keys are cached before being read again.
 const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
@@ -65,12 +67,11 @@ pub struct Engine {
     keys: Mutex<HashMap<i64, CachedKeys>>,
     /// Held while an application's keys are read for the first time, so its attempts wait for one read.
     keys_loading: tokio::sync::Mutex<()>,
-    /// Callback URLs as parsed: a subscription's URL is parsed once, not on every attempt.
-    urls: Mutex<HashMap<String, http::Uri>>,
+    /// Where subscriptions stand now, for jobs read before a change.
+    routes: Routes,
+    /// Callback URLs as checked and parsed: a subscription's URL is checked once, not on every attempt.
+    targets: Targets,
 }
-
-/// Most parsed callback URLs kept; past it the cache starts over.
-const URL_CACHE: usize = 10_000;
 
 /// An application's secret keys as last read.
 struct CachedKeys {
@@ -95,6 +96,7 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<DeliveryJob>) {
         let (queue, rx) = mpsc::unbounded_channel();
+        let targets = Targets::new(settings.client.policy());
         let engine = Arc::new(Self {
             store,
             settings,
@@ -106,7 +108,8 @@ impl Engine {
             wake: Notify::new(),
             keys: Mutex::new(HashMap::new()),
             keys_loading: tokio::sync::Mutex::new(()),
-            urls: Mutex::new(HashMap::new()),
+            routes: Routes::default(),
+            targets,
         });
         (engine, rx)
     }
@@ -126,6 +129,7 @@ impl Engine {
     /// Returns only after the commit: an acknowledged event is never lost.
     pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<PublishOutcome>> {
         let room = self.settings.workers && self.held.load(Ordering::Relaxed) < self.buffer();
+        let routes_seen = self.routes.version();
         let mut outcomes = self.store.publish(events, room.then(|| self.lease())).await?;
         let mut unleased = false;
         for o in &mut outcomes {
@@ -138,7 +142,8 @@ impl Engine {
                 .deliveries_created
                 .fetch_add(o.deliveries as u64, Ordering::Relaxed);
             unleased |= o.jobs.len() as i64 != o.deliveries;
-            for job in o.jobs.drain(..) {
+            for mut job in o.jobs.drain(..) {
+                job.routes_seen = routes_seen;
                 self.enqueue(job);
             }
         }
@@ -171,30 +176,19 @@ impl Engine {
         now_ms().saturating_sub(self.kicked_at.load(Ordering::Relaxed)) <= window
     }
 
-    /// Forgets the cached keys of an application after a new key was created.
-    pub fn signing_keys_changed(&self, app_id: i64) {
-        if let Ok(mut keys) = self.keys.lock() {
-            keys.remove(&app_id);
+    /// Forgets the cached keys of an application (`None`: of every application) after its keys changed.
+    fn signing_keys_changed(&self, app_id: Option<i64>) {
+        let mut keys = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match app_id {
+            Some(app_id) => {
+                keys.remove(&app_id);
+            }
+            None => keys.clear(),
         }
     }
 
-    /// The callback URL as a request target: parsed by the URL standard (as it was checked), then as a URI.
-    fn parsed_url(&self, url: &str) -> Option<http::Uri> {
-        let mut urls = self.urls.lock().ok()?;
-        if let Some(u) = urls.get(url) {
-            return Some(u.clone());
-        }
-        let parsed = http::Uri::try_from(url::Url::parse(url).ok()?.as_str()).ok()?;
-        if urls.len() >= URL_CACHE {
-            urls.clear();
-        }
-        urls.insert(url.to_string(), parsed.clone());
-        Some(parsed)
-    }
-
-    /// The application's newest secret key whose validFrom has passed; `None` when it has none (callbacks then go
-    /// out unsigned, as documented). An error means its keys could not be read and none are cached: the
-    /// callback must not go out unsigned for it.
+    /// The application's newest secret key whose validFrom has passed; `None` when it has none. An error means
+    /// its keys could not be read and none are cached. Either way the callback does not go out unsigned.
     ///
     /// Keys are read again once a second (a key created on another node is used within about that). Then one
     /// attempt reads them while the others go on with the keys it replaces, rather than every attempt in flight
@@ -267,12 +261,24 @@ impl Engine {
         rx: mpsc::UnboundedReceiver<DeliveryJob>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        self.store.watch_for_work(Arc::new(move || {
-            if let Some(engine) = weak.upgrade() {
-                engine.wake.notify_one();
-            }
-        }));
+        let (work, routes, keys) = (Arc::downgrade(self), Arc::downgrade(self), Arc::downgrade(self));
+        self.store.watch(Signals {
+            work: Arc::new(move || {
+                if let Some(engine) = work.upgrade() {
+                    engine.wake.notify_one();
+                }
+            }),
+            routes: Arc::new(move || {
+                if let Some(engine) = routes.upgrade() {
+                    engine.routes.changed();
+                }
+            }),
+            keys: Arc::new(move |app_id| {
+                if let Some(engine) = keys.upgrade() {
+                    engine.signing_keys_changed(app_id);
+                }
+            }),
+        });
         let engine = self.clone();
         tokio::spawn(async move {
             let (results_tx, results_rx) = mpsc::unbounded_channel();
@@ -344,25 +350,52 @@ impl Engine {
     }
 
     async fn attempt(&self, job: &DeliveryJob) -> AttemptRecord {
-        let key = match &job.webhook_secret {
-            Some(k) => Ok(Some(k.clone())),
-            None => self.app_key(job.app_id).await,
-        };
         let attempt = Attempt {
             client: &self.settings.client,
             policy: &self.settings.retry,
             node: &self.settings.node_id,
             standard_webhooks: self.settings.standard_webhooks,
         };
-        let key = key
-            .as_ref()
-            .map(Option::as_deref)
-            .map_err(|e| format!("the application's secret keys could not be read: {e}"));
-        let record = attempt.run(job, key, self.parsed_url(&job.url)).await;
+        // Where the subscription stands now, not when the delivery was published or claimed.
+        let fresh = match self.routes.now(&self.store, job).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                let why = format!("the subscription's current state could not be read: {e}");
+                return attempt.run(job, Err(why.clone()), Err(why)).await;
+            }
+        };
+        let (standing, url, webhook_secret) = match &fresh {
+            None => (job.standing, job.url.as_str(), job.webhook_secret.as_deref()),
+            Some(r) => (
+                r.standing,
+                r.url.as_deref().unwrap_or(&job.url),
+                r.webhook_secret.as_deref(),
+            ),
+        };
+        match standing {
+            Standing::Active => {}
+            Standing::Inactive => return self.not_sent(job, Outcome::Paused),
+            Standing::Gone(why) => return self.not_sent(job, Outcome::Cancelled(why)),
+        }
+        let key = match webhook_secret {
+            Some(k) => Ok(k.to_string()),
+            None => match self.app_key(job.app_id).await {
+                Ok(Some(k)) => Ok(k),
+                Ok(None) => Err(
+                    "the application has no secret key valid now (POST /webhooks/secretkey creates \
+                                 one); a callback never goes out unsigned"
+                        .to_string(),
+                ),
+                Err(e) => Err(format!("the application's secret keys could not be read: {e}")),
+            },
+        };
+        let record = attempt
+            .run(job, key.as_deref().map_err(Clone::clone), self.targets.get(url))
+            .await;
         let (idx, label) = match record.outcome {
             Outcome::Delivered => (0, "delivered"),
             Outcome::RetryAt(_) => (1, "retry"),
-            Outcome::Failed => (2, "failed"),
+            Outcome::Failed | Outcome::Paused | Outcome::Cancelled(_) => (2, "failed"),
             Outcome::Gone => (3, "gone"),
         };
         self.metrics.attempt(idx, record.duration_ms as f64 / 1000.0);
@@ -375,6 +408,30 @@ impl Engine {
             );
         }
         record
+    }
+
+    /// The record of a delivery that is not sent: its subscription or webhook is inactive (paused) or gone
+    /// (cancelled). No attempt is logged or counted, and the failure clock is left alone.
+    fn not_sent(&self, job: &DeliveryJob, outcome: Outcome) -> AttemptRecord {
+        let why = match outcome {
+            Outcome::Cancelled(c) => c.reason(),
+            _ => "paused: subscription or webhook INACTIVE",
+        };
+        tracing::info!(event_key = %job.event_key, delivery_id = job.id, subscription = %job.subscription_key,
+            reason = why, "delivery not sent");
+        AttemptRecord {
+            delivery_id: job.id,
+            subscription_key: job.subscription_key.clone(),
+            number: job.attempts,
+            node: self.settings.node_id.clone(),
+            started_at: now_ms(),
+            job_updated_at: job.updated_at,
+            duration_ms: 0,
+            status_code: None,
+            error: Some(why.to_string()),
+            response_excerpt: None,
+            outcome,
+        }
     }
 
     /// Writes attempt results in batches. A failed write is retried until it succeeds: the lease keeps the
@@ -433,10 +490,12 @@ impl Engine {
             } else {
                 let limit = room.min(CLAIM_BATCH);
                 let claimed_at = now_ms();
+                let routes_seen = self.routes.version();
                 match self.store.claim_due(claimed_at, &self.lease(), limit as i64).await {
                     Ok(jobs) => {
                         let full = jobs.len() == limit;
-                        for job in jobs {
+                        for mut job in jobs {
+                            job.routes_seen = routes_seen;
                             self.enqueue(job);
                         }
                         if full {

@@ -13,7 +13,7 @@ use super::AppState;
 use crate::delivery::events::parse_batch;
 use crate::domain::parse_time;
 use crate::error::{Error, ErrorBody, Result};
-use crate::store::{AttemptRow, DeliveryFilter, DeliveryRow, RetryTarget};
+use crate::store::{AttemptRow, DeliveryFilter, DeliveryRow, RetryTarget, Standing, DELIVERY_STATES};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -81,7 +81,7 @@ fn time_param(q: &QueryMap, name: &str) -> Result<Option<i64>> {
 
 /// List deliveries, newest first, with filters and cursor pagination.
 #[utoipa::path(get, path = "/deliveries", operation_id = "listDeliveries", tag = "Admin",
-    params(("state" = Option<String>, Query, description = "pending, delivered or failed"),
+    params(("state" = Option<String>, Query, description = "pending, delivered, failed, paused or cancelled"),
            ("webhookKey" = Option<String>, Query), ("subscriptionKey" = Option<String>, Query),
            ("eventName" = Option<String>, Query), ("eventKey" = Option<String>, Query),
            ("since" = Option<String>, Query, description = "created at or after (ISO-8601)"),
@@ -99,9 +99,10 @@ async fn list_deliveries(State(state): State<AppState>, _: Admin, q: QueryMap) -
             .ok_or_else(|| Error::bad_request(format!("limit: `{v}` is not a number from 1 to 1000")))?,
     };
     if let Some(s) = q.get("state") {
-        if !["pending", "delivered", "failed"].contains(&s) {
+        if !DELIVERY_STATES.contains(&s) {
             return Err(Error::bad_request(format!(
-                "state: `{s}` is not one of pending, delivered, failed"
+                "state: `{s}` is not one of {}",
+                DELIVERY_STATES.join(", ")
             )));
         }
     }
@@ -161,9 +162,43 @@ pub struct Retried {
 }
 
 async fn retry(state: &AppState, target: RetryTarget<'_>, what: String) -> Result<(StatusCode, Json<Retried>)> {
+    if let RetryTarget::Delivery(id) = target {
+        let (d, _) = state
+            .store
+            .get_delivery(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("{what} not found")))?;
+        match state.store.route(&d.subscription_key, &d.webhook_key).await?.standing {
+            Standing::Active => {}
+            Standing::Inactive => {
+                return Err(Error::Conflict(format!(
+                    "{what} waits for subscription {} and its webhook to be ACTIVE again; it is sent then",
+                    d.subscription_key
+                )))
+            }
+            Standing::Gone(why) => {
+                return Err(Error::Conflict(format!(
+                    "{what} cannot be sent again: {}",
+                    why.reason()
+                )))
+            }
+        }
+    }
     let n = state.store.retry_deliveries(target).await?;
-    if n == 0 && matches!(target, RetryTarget::Delivery(_) | RetryTarget::Event(_)) {
-        return Err(Error::not_found(format!("{what} not found")));
+    if n == 0 {
+        if let RetryTarget::Event(key) = target {
+            let filter = DeliveryFilter {
+                event_key: Some(key.to_string()),
+                limit: 1,
+                ..DeliveryFilter::default()
+            };
+            if state.store.list_deliveries(&filter).await?.is_empty() {
+                return Err(Error::not_found(format!("{what} not found")));
+            }
+            return Err(Error::Conflict(format!(
+                "{what} cannot be sent again: every one belongs to a deleted subscription or webhook"
+            )));
+        }
     }
     state.engine.kick();
     Ok((StatusCode::ACCEPTED, Json(Retried { retried: n })))
@@ -172,7 +207,8 @@ async fn retry(state: &AppState, target: RetryTarget<'_>, what: String) -> Resul
 /// Attempt one delivery again now, whatever its state.
 #[utoipa::path(post, path = "/deliveries/{id}/retry", operation_id = "retryDelivery", tag = "Admin",
     params(("id" = i64, Path)),
-    responses((status = 202, body = Retried), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = Retried), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, description = "Its subscription or webhook was deleted, or is INACTIVE", body = ErrorBody)))]
 async fn retry_delivery(
     State(state): State<AppState>,
     _: Admin,
@@ -187,7 +223,8 @@ async fn retry_delivery(
 /// Deliver every delivery of an event again.
 #[utoipa::path(post, path = "/events/{eventKey}/redeliver", operation_id = "redeliverEvent", tag = "Admin",
     params(("eventKey" = String, Path)),
-    responses((status = 202, body = Retried), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = Retried), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, description = "Every delivery's subscription was deleted", body = ErrorBody)))]
 async fn redeliver_event(
     State(state): State<AppState>,
     _: Admin,

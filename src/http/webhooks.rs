@@ -39,17 +39,16 @@ pub struct WebhookDto {
     create_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     secret_key: Option<String>,
-    /// How deliveries are signed now: `WEBHOOK_SECRET_KEY`, `APPLICATION_SECRET_KEY`, or `UNSIGNED` when there is
-    /// no key yet.
+    /// What signs its deliveries: `WEBHOOK_SECRET_KEY` (its own) or `APPLICATION_SECRET_KEY` (the application's
+    /// newest key valid now; the application's first webhook creates one if it has none). Nothing is unsigned.
     signing: &'static str,
 }
 
 impl WebhookDto {
-    fn new(w: Webhook, app_has_key: bool) -> Self {
-        let signing = match (&w.secret_key, app_has_key) {
-            (Some(_), _) => "WEBHOOK_SECRET_KEY",
-            (None, true) => "APPLICATION_SECRET_KEY",
-            (None, false) => "UNSIGNED",
+    fn new(w: Webhook) -> Self {
+        let signing = match &w.secret_key {
+            Some(_) => "WEBHOOK_SECRET_KEY",
+            None => "APPLICATION_SECRET_KEY",
         };
         Self {
             webhook_key: w.key,
@@ -103,19 +102,8 @@ pub struct WebhookUpdate {
     callback_url: Option<String>,
 }
 
-async fn app_has_key(state: &AppState, app_id: i64) -> Result<bool> {
-    let now = now_ms();
-    Ok(state
-        .store
-        .secret_keys(app_id)
-        .await?
-        .iter()
-        .any(|k| k.valid_from <= now))
-}
-
-async fn dtos(state: &AppState, app_id: i64, hooks: Vec<Webhook>) -> Result<Vec<WebhookDto>> {
-    let has_key = app_has_key(state, app_id).await?;
-    Ok(hooks.into_iter().map(|w| WebhookDto::new(w, has_key)).collect())
+fn dtos(hooks: Vec<Webhook>) -> Vec<WebhookDto> {
+    hooks.into_iter().map(WebhookDto::new).collect()
 }
 
 fn list(webhooks: Vec<WebhookDto>) -> WebhookList {
@@ -145,7 +133,7 @@ async fn create_webhook(State(state): State<AppState>, Auth(t): Auth, body: Json
             secret_key: i.secret_key,
         })
         .collect();
-    let created = dtos(&state, t.app_id, state.store.create_webhooks(t.app_id, new).await?).await?;
+    let created = dtos(state.store.create_webhooks(t.app_id, new).await?);
     if is_array {
         Ok((StatusCode::OK, Json(list(created))).into_response())
     } else {
@@ -200,7 +188,7 @@ async fn update_webhooks(State(state): State<AppState>, Auth(t): Auth, body: Jso
     responses((status = 200, body = WebhookList), (status = 403, body = ErrorBody)))]
 async fn list_webhooks(State(state): State<AppState>, Auth(t): Auth) -> Result<Json<WebhookList>> {
     let hooks = state.store.list_webhooks(t.app_id).await?;
-    Ok(Json(list(dtos(&state, t.app_id, hooks).await?)))
+    Ok(Json(list(dtos(hooks))))
 }
 
 /// Delete webhooks by key, with their user subscriptions (real GoTo form). Keys not found are ignored.
@@ -254,8 +242,7 @@ async fn get_webhook(
         false => None,
     }
     .ok_or_else(|| Error::not_found(format!("webhookKey {key} not found")))?;
-    let has_key = app_has_key(&state, t.app_id).await?;
-    Ok(Json(WebhookDto::new(hook, has_key)))
+    Ok(Json(WebhookDto::new(hook)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -297,7 +284,6 @@ async fn create_secret_key(State(state): State<AppState>, Auth(t): Auth, body: J
         }
     };
     let key = state.store.create_secret_key(t.app_id, &new_key(), valid_from).await?;
-    state.engine.signing_keys_changed(t.app_id);
     let dto = SecretKeyDto {
         secret_key: key.value.clone(),
         value: key.value,

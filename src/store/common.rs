@@ -78,6 +78,67 @@ fn delivery_from_row(row: &$row) -> Result<DeliveryRow> {
     })
 }
 
+/// Moves `updated_at` (always, even within the millisecond it was last set in), so an attempt in flight sees
+/// that its delivery changed and its result does not overwrite the change.
+const TOUCH: &str = "updated_at = CASE WHEN updated_at >= $1 THEN updated_at + 1 ELSE $1 END";
+
+/// Pauses the waiting deliveries that `cond` picks (`$2` is the key): they leave the due queue until resumed.
+async fn pause(tx: &mut sqlx::Transaction<'_, $db>, cond: &str, key: &str, now: i64) -> Result<()> {
+    sqlx::query(&format!(
+        "UPDATE {PENDING_DELIVERIES} SET state = 'paused', last_error = 'paused: subscription or webhook INACTIVE', \
+         {TOUCH} WHERE state = 'pending' AND {cond}"
+    ))
+    .bind(now)
+    .bind(key)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Makes the paused deliveries of the subscriptions `cond` picks (over `user_subscriptions s`; `$2` is the key)
+/// pending and due now; returns how many.
+async fn resume(tx: &mut sqlx::Transaction<'_, $db>, cond: &str, key: &str, now: i64) -> Result<u64> {
+    Ok(sqlx::query(&format!(
+        "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, {TOUCH} \
+         WHERE state = 'paused' AND subscription_key IN (SELECT s.subscription_key FROM user_subscriptions s \
+         WHERE s.state = 'ACTIVE' AND s.{cond})"
+    ))
+    .bind(now)
+    .bind(key)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
+}
+
+/// Ends the waiting and paused deliveries that `cond` picks (`$3` is the key): cancelled, with the reason.
+async fn cancel(tx: &mut sqlx::Transaction<'_, $db>, cond: &str, key: &str, why: Cancel, now: i64) -> Result<()> {
+    for (from, state) in [(PENDING_DELIVERIES, "pending"), ("deliveries", "paused")] {
+        sqlx::query(&format!(
+            "UPDATE {from} SET state = 'cancelled', last_error = $2, {TOUCH} WHERE state = '{state}' AND {cond}"
+        ))
+        .bind(now)
+        .bind(why.reason())
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Points the waiting and paused deliveries that `cond` picks (`$2` is the key) at the callback URL `url`, as
+/// shown by the admin API. (`updated_at` stays: an attempt in flight to the old URL settles its delivery as
+/// usual. Jobs already in memory take the new URL from the engine's check before they are sent.)
+async fn follow_url(tx: &mut sqlx::Transaction<'_, $db>, cond: &str, url: &str, key: &str) -> Result<()> {
+    for (from, state) in [(PENDING_DELIVERIES, "pending"), ("deliveries", "paused")] {
+        sqlx::query(&format!("UPDATE {from} SET url = $1 WHERE state = '{state}' AND {cond}"))
+        .bind(url)
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -163,6 +224,7 @@ impl Store for $store {
         .bind(now_ms())
         .fetch_one(&self.write)
         .await?;
+        self.changed(Changed::Keys(app_id)).await;
         Ok(SecretKey {
             id,
             value: value.to_string(),
@@ -212,7 +274,22 @@ impl Store for $store {
             };
             keys.push(key);
         }
+        // No delivery leaves unsigned: an application that has no key valid now gets one with its first
+        // webhook. `POST /webhooks/secretkey` rotates it (the new key is returned and signs from its validFrom).
+        let first_key = sqlx::query(
+            "INSERT INTO secret_keys (app_id, value, valid_from, created_at) SELECT $1, $2, $3, $3 \
+             WHERE NOT EXISTS (SELECT 1 FROM secret_keys WHERE app_id = $1 AND valid_from <= $3)",
+        )
+        .bind(app_id)
+        .bind(new_key())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
+        if first_key > 0 {
+            self.changed(Changed::Keys(app_id)).await;
+        }
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             out.push(
@@ -243,6 +320,7 @@ impl Store for $store {
 
     async fn update_webhooks(&self, app_id: i64, changes: Vec<WebhookChange>) -> Result<()> {
         let mut tx = self.write.begin().await?;
+        let mut resumed = 0;
         for c in &changes {
             let res = sqlx::query(
                 "UPDATE webhooks SET state = COALESCE($1, state), callback_url = COALESCE($2, callback_url) \
@@ -266,26 +344,54 @@ impl Store for $store {
             if n == 0 {
                 return Err(Error::not_found(format!("webhookKey {} not found", c.key)));
             }
+            // The webhook's deliveries follow: paused while it is INACTIVE, resumed (for its ACTIVE
+            // subscriptions) when it is ACTIVE again, and sent to its new URL where no subscription names its own.
+            let now = now_ms();
+            let of_webhook = "webhook_key = $2";
+            match c.state {
+                Some(State::Inactive) => pause(&mut tx, of_webhook, &c.key, now).await?,
+                Some(State::Active) => {
+                    resumed += resume(&mut tx, "webhook_key = $2 AND s.state = 'ACTIVE'", &c.key, now).await?
+                }
+                None => {}
+            }
+            if let Some(url) = &c.callback_url {
+                follow_url(
+                    &mut tx,
+                    "webhook_key = $2 AND subscription_key IN (SELECT subscription_key FROM user_subscriptions \
+                     WHERE webhook_key = $2 AND callback_url IS NULL)",
+                    url,
+                    &c.key,
+                )
+                .await?;
+            }
         }
         tx.commit().await?;
+        self.changed(Changed::Routes { resumed }).await;
         Ok(())
     }
 
     async fn delete_webhooks(&self, app_id: i64, keys: &[String]) -> Result<()> {
         let mut tx = self.write.begin().await?;
+        let now = now_ms();
         for key in keys {
             sqlx::query("DELETE FROM user_subscriptions WHERE webhook_key = $1 AND app_id = $2")
                 .bind(key)
                 .bind(app_id)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("DELETE FROM webhooks WHERE webhook_key = $1 AND app_id = $2")
+            let gone = sqlx::query("DELETE FROM webhooks WHERE webhook_key = $1 AND app_id = $2")
                 .bind(key)
                 .bind(app_id)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+            if gone > 0 {
+                cancel(&mut tx, "webhook_key = $3", key, Cancel::WebhookDeleted, now).await?;
+            }
         }
         tx.commit().await?;
+        self.changed(Changed::Routes { resumed: 0 }).await;
         Ok(())
     }
 
@@ -341,6 +447,7 @@ impl Store for $store {
 
     async fn update_subscriptions(&self, tenant: Tenant, changes: Vec<SubscriptionChange>) -> Result<()> {
         let mut tx = self.write.begin().await?;
+        let mut resumed = 0;
         for c in &changes {
             // Reactivating clears the reason and the failure clock of an automatic deactivation.
             let reactivate = c.state == Some(State::Active);
@@ -362,16 +469,32 @@ impl Store for $store {
             if n == 0 {
                 return Err(Error::not_found(format!("userSubscriptionKey {} not found", c.key)));
             }
+            let now = now_ms();
+            let of_subscription = "subscription_key = $2";
+            match c.state {
+                Some(State::Inactive) => pause(&mut tx, of_subscription, &c.key, now).await?,
+                Some(State::Active) => {
+                    let sql = "subscription_key = $2 AND EXISTS (SELECT 1 FROM webhooks w \
+                               WHERE w.webhook_key = s.webhook_key AND w.state = 'ACTIVE')";
+                    resumed += resume(&mut tx, sql, &c.key, now).await?
+                }
+                None => {}
+            }
+            if let Some(url) = &c.callback_url {
+                follow_url(&mut tx, "subscription_key = $2", url, &c.key).await?;
+            }
         }
         tx.commit().await?;
+        self.changed(Changed::Routes { resumed }).await;
         Ok(())
     }
 
     async fn delete_subscriptions(&self, tenant: Tenant, keys: &[String]) -> Result<u64> {
         let mut tx = self.write.begin().await?;
         let mut n = 0;
+        let now = now_ms();
         for key in keys {
-            n += sqlx::query(
+            let gone = sqlx::query(
                 "DELETE FROM user_subscriptions WHERE subscription_key = $1 AND app_id = $2 AND organizer_key = $3",
             )
             .bind(key)
@@ -380,8 +503,15 @@ impl Store for $store {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            if gone > 0 {
+                cancel(&mut tx, "subscription_key = $3", key, Cancel::SubscriptionDeleted, now).await?;
+            }
+            n += gone;
         }
         tx.commit().await?;
+        if n > 0 {
+            self.changed(Changed::Routes { resumed: 0 }).await;
+        }
         Ok(n)
     }
 
@@ -491,7 +621,8 @@ impl Store for $store {
             // `updated_at` always moves, even within the millisecond it was last set in: an attempt in flight
             // compares it with the value its job was read with, and must see the retry.
             "UPDATE deliveries SET state = 'pending', next_attempt_at = $1, \
-             updated_at = CASE WHEN updated_at >= $1 THEN updated_at + 1 ELSE $1 END WHERE {cond}"
+             updated_at = CASE WHEN updated_at >= $1 THEN updated_at + 1 ELSE $1 END WHERE {cond} \
+             AND EXISTS (SELECT 1 FROM user_subscriptions s WHERE s.subscription_key = deliveries.subscription_key)"
         );
         let mut q = sqlx::query(&sql).bind(now_ms());
         q = match target {
@@ -499,6 +630,33 @@ impl Store for $store {
             _ => q.bind(key),
         };
         Ok(q.execute(&self.write).await?.rows_affected())
+    }
+
+    async fn route(&self, subscription_key: &str, webhook_key: &str) -> Result<Route> {
+        let row = sqlx::query(
+            "SELECT w.state AS w_state, w.secret_key, s.state AS s_state, \
+             COALESCE(s.callback_url, w.callback_url) AS url FROM webhooks w \
+             LEFT JOIN user_subscriptions s ON s.subscription_key = $1 AND s.webhook_key = w.webhook_key \
+             WHERE w.webhook_key = $2",
+        )
+        .bind(subscription_key)
+        .bind(webhook_key)
+        .fetch_optional(&self.read)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Route {
+                standing: Standing::Gone(Cancel::WebhookDeleted),
+                url: None,
+                webhook_secret: None,
+            });
+        };
+        let w_state: String = row.try_get("w_state")?;
+        let s_state: Option<String> = row.try_get("s_state")?;
+        Ok(Route {
+            standing: Standing::of(Some(&w_state), s_state.as_deref()),
+            url: row.try_get("url")?,
+            webhook_secret: row.try_get("secret_key")?,
+        })
     }
 
     async fn queue_stats(&self) -> Result<QueueStats> {

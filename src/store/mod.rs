@@ -50,7 +50,9 @@ pub struct DeliveryJob {
     pub id: i64,
     pub event_key: String,
     pub app_id: i64,
+    pub webhook_key: String,
     pub subscription_key: String,
+    /// The callback URL as the subscription and webhook said when the job was read.
     pub url: String,
     pub body: Bytes,
     /// The webhook's own secret key, which takes precedence over the application's.
@@ -62,6 +64,57 @@ pub struct DeliveryJob {
     /// The delivery's `updated_at` when this job was read from it (or created with it). An operator's retry or
     /// redeliver always moves it, so an attempt's result settles the delivery only if it is unchanged.
     pub updated_at: i64,
+    /// Where its subscription and webhook stood when the job was read.
+    pub standing: Standing,
+    /// The engine's count of subscription and webhook changes when the job was read (see `Engine::current`):
+    /// a job read before a change is checked again before it is sent.
+    pub routes_seen: u64,
+}
+
+/// Where a delivery's subscription and webhook stand: only an ACTIVE subscription of an ACTIVE webhook is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Active,
+    /// The subscription or its webhook is INACTIVE: the delivery waits, paused, until both are ACTIVE again.
+    Inactive,
+    /// The subscription or its webhook was deleted: the delivery is cancelled.
+    Gone(Cancel),
+}
+
+impl Standing {
+    /// From the states a LEFT JOIN of the webhook and the subscription found (`None`: no such row).
+    pub fn of(webhook_state: Option<&str>, subscription_state: Option<&str>) -> Self {
+        match (webhook_state, subscription_state) {
+            (None, _) => Standing::Gone(Cancel::WebhookDeleted),
+            (_, None) => Standing::Gone(Cancel::SubscriptionDeleted),
+            (Some("ACTIVE"), Some("ACTIVE")) => Standing::Active,
+            _ => Standing::Inactive,
+        }
+    }
+}
+
+/// Why a delivery was cancelled: a final state of its own, never attempted again, never counted as a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    SubscriptionDeleted,
+    WebhookDeleted,
+}
+
+impl Cancel {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Cancel::SubscriptionDeleted => "subscription deleted",
+            Cancel::WebhookDeleted => "webhook deleted",
+        }
+    }
+}
+
+/// A subscription's route as it stands now: where its deliveries go and what signs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub standing: Standing,
+    pub url: Option<String>,
+    pub webhook_secret: Option<String>,
 }
 
 /// How an attempt ended and what happens next.
@@ -72,7 +125,37 @@ pub enum Outcome {
     Failed,
     /// 410 Gone: the delivery fails and the subscription is deactivated.
     Gone,
+    /// Not attempted: the subscription or its webhook is INACTIVE. The delivery waits until both are ACTIVE.
+    Paused,
+    /// Not attempted: the subscription or its webhook was deleted.
+    Cancelled(Cancel),
 }
+
+impl Outcome {
+    /// False for a delivery that was not sent (paused or cancelled): no attempt is logged or counted.
+    pub fn attempted(self) -> bool {
+        !matches!(self, Outcome::Paused | Outcome::Cancelled(_))
+    }
+
+    /// The delivery's state after this outcome and when it is due next (`now` where nothing is due).
+    pub fn settles_as(self, now: i64) -> (&'static str, i64) {
+        match self {
+            Outcome::Delivered => ("delivered", now),
+            Outcome::RetryAt(at) => ("pending", at),
+            Outcome::Failed | Outcome::Gone => ("failed", now),
+            Outcome::Paused => ("paused", now),
+            Outcome::Cancelled(_) => ("cancelled", now),
+        }
+    }
+
+    /// Starts (or keeps running) the subscription's failure clock, which deactivates it after `--disable-after`.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Outcome::RetryAt(_) | Outcome::Failed)
+    }
+}
+
+/// The states of a delivery, as stored and listed.
+pub const DELIVERY_STATES: [&str; 5] = ["pending", "delivered", "failed", "paused", "cancelled"];
 
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
@@ -202,8 +285,12 @@ pub trait Store: Send + Sync + 'static {
     async fn release_leases(&self, owner: Option<&str>) -> Result<u64>;
     async fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryRow>>;
     async fn get_delivery(&self, id: i64) -> Result<Option<(DeliveryRow, Vec<AttemptRow>)>>;
-    /// Makes matching deliveries pending and due now; returns how many.
+    /// Makes matching deliveries pending and due now; returns how many. Deliveries whose subscription was
+    /// deleted are left as they are (nothing to send them to).
     async fn retry_deliveries(&self, filter: RetryTarget<'_>) -> Result<u64>;
+    /// Where a subscription's deliveries go now (the delivery's webhook key tells a deleted webhook from a
+    /// deleted subscription).
+    async fn route(&self, subscription_key: &str, webhook_key: &str) -> Result<Route>;
     async fn queue_stats(&self) -> Result<QueueStats>;
     /// Retention: removes up to `limit` deliveries that ended (delivered or failed) before `before` (ms), with
     /// their attempts, and the events published before `before` that no delivery refers to any more (those
@@ -211,16 +298,63 @@ pub trait Store: Send + Sync + 'static {
     /// however old.
     async fn prune(&self, before: i64, limit: i64) -> Result<Pruned>;
 
-    /// Calls `wake` whenever another node makes deliveries available (PostgreSQL `LISTEN/NOTIFY`). A single
-    /// SQLite process has no other nodes.
-    fn watch_for_work(&self, _wake: WorkSignal) {}
+    /// Hands the store the engine's signals: `work` whenever deliveries become available that no node holds
+    /// (on PostgreSQL also those another node made available, through `LISTEN/NOTIFY`), `routes` after any change
+    /// to subscriptions or webhooks and `keys` after an application's secret keys change (on any node).
+    fn watch(&self, signals: Signals);
 
     /// How long the store's group commits of the delivery path take, for `/metrics`.
     fn commit_durations(&self) -> &Histogram;
 }
 
+/// A committed change the engine must hear of.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Changed {
+    /// An application's secret keys.
+    Keys(i64),
+    /// Subscriptions or webhooks (state, callback URL, deletion); `resumed` paused deliveries are due now.
+    Routes { resumed: u64 },
+}
+
 /// Wakes a node's scheduler.
 pub type WorkSignal = Arc<dyn Fn() + Send + Sync>;
+
+/// What the store tells the engine.
+#[derive(Clone)]
+pub struct Signals {
+    pub work: WorkSignal,
+    pub routes: WorkSignal,
+    /// An application's keys changed (`None`: any application's, or unknown which).
+    pub keys: Arc<dyn Fn(Option<i64>) + Send + Sync>,
+}
+
+/// Where a store keeps the engine's signals once it has them (a store may serve before an engine watches it).
+#[derive(Default)]
+pub(crate) struct SignalSlot(std::sync::OnceLock<Signals>);
+
+impl SignalSlot {
+    pub(crate) fn set(&self, signals: Signals) {
+        let _ = self.0.set(signals);
+    }
+
+    pub(crate) fn work(&self) {
+        if let Some(s) = self.0.get() {
+            (s.work)();
+        }
+    }
+
+    pub(crate) fn routes(&self) {
+        if let Some(s) = self.0.get() {
+            (s.routes)();
+        }
+    }
+
+    pub(crate) fn keys(&self, app_id: Option<i64>) {
+        if let Some(s) = self.0.get() {
+            (s.keys)(app_id);
+        }
+    }
+}
 
 /// Which deliveries an operator asks to attempt again.
 #[derive(Debug, Clone, Copy)]

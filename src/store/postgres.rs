@@ -17,6 +17,12 @@ use crate::domain::{format_ms, new_key, now_ms, State};
 
 /// The channel that announces deliveries any node may take.
 const WORK_CHANNEL: &str = "g2w_work";
+/// The channel that announces changes to subscriptions and webhooks (`routes`) and to an application's secret
+/// keys (`keys:APP_ID`), so every node's engine follows them before its next attempt.
+const CONFIG_CHANNEL: &str = "g2w_config";
+
+/// A claim walks the due index; PostgreSQL's planner picks the index for waiting deliveries by itself.
+const PENDING_DELIVERIES: &str = "deliveries";
 
 /// Wakes the idle workers of every node: deliveries nobody holds are due.
 async fn notify_work<'e>(db: impl sqlx::PgExecutor<'e>) -> std::result::Result<(), sqlx::Error> {
@@ -32,6 +38,38 @@ pub struct PgStore {
     write: PgPool,
     publisher: mpsc::Sender<PublishOp>,
     commits: Arc<Histogram>,
+    signals: Arc<SignalSlot>,
+}
+
+impl PgStore {
+    /// Tells this node's engine at once, and every other node's through `NOTIFY` (committed already: if the
+    /// notification fails, other nodes catch up when their LISTEN connection comes back, which assumes a change).
+    async fn changed(&self, change: Changed) {
+        let payload = match change {
+            Changed::Keys(app_id) => {
+                self.signals.keys(Some(app_id));
+                format!("keys:{app_id}")
+            }
+            Changed::Routes { resumed } => {
+                self.signals.routes();
+                if resumed > 0 {
+                    self.signals.work();
+                    if let Err(e) = notify_work(&self.write).await {
+                        tracing::warn!(error = %e, "could not notify the workers of resumed deliveries");
+                    }
+                }
+                "routes".to_string()
+            }
+        };
+        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CONFIG_CHANNEL)
+            .bind(payload)
+            .execute(&self.write)
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "could not tell the other nodes of a change");
+        }
+    }
 }
 
 /// One publish request waiting for a group commit.
@@ -65,6 +103,7 @@ impl PgStore {
             publisher: spawn_publishers(pool.clone(), commits.clone()),
             write: pool,
             commits,
+            signals: Arc::default(),
         })
     }
 }
@@ -161,10 +200,10 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
            FROM targets t JOIN ev ON ev.event_key = t.k \
            RETURNING id, event_key, subscription_key, app_id, url, webhook_key) \
          SELECT 1 AS kind, ins.id, ins.event_key, ins.subscription_key, ins.app_id, ins.url, w.secret_key, \
-                0::int8 AS deliveries \
+                0::int8 AS deliveries, ins.webhook_key \
            FROM ins LEFT JOIN webhooks w ON w.webhook_key = ins.webhook_key WHERE $6::text IS NOT NULL \
-         UNION ALL SELECT 2, 0, ev.event_key, NULL, 0, NULL, NULL, ev.deliveries FROM ev \
-         UNION ALL SELECT 3, 0, c.k, NULL, 0, NULL, NULL, COALESCE(e.deliveries, c.c) \
+         UNION ALL SELECT 2, 0, ev.event_key, NULL, 0, NULL, NULL, ev.deliveries, NULL FROM ev \
+         UNION ALL SELECT 3, 0, c.k, NULL, 0, NULL, NULL, COALESCE(e.deliveries, c.c), NULL \
            FROM counted c LEFT JOIN events e ON e.event_key = c.k \
            WHERE NOT EXISTS (SELECT 1 FROM ev WHERE ev.event_key = c.k)",
     )
@@ -192,12 +231,16 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
                     body: bodies.get(event_key.as_str()).map(|b| (*b).clone()).unwrap_or_default(),
                     event_key: event_key.clone(),
                     app_id: r.try_get("app_id")?,
+                    webhook_key: r.try_get("webhook_key")?,
                     subscription_key: r.try_get("subscription_key")?,
                     url: r.try_get("url")?,
                     webhook_secret: r.try_get("secret_key")?,
                     attempts: 0,
                     lease_until: lease.as_ref().map_or(0, |l| l.until),
                     updated_at: now,
+                    // The fan-out read only ACTIVE subscriptions of ACTIVE webhooks.
+                    standing: Standing::Active,
+                    routes_seen: 0,
                 };
                 jobs.entry(event_key).or_default().push(job);
             }
@@ -245,8 +288,8 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
         .collect())
 }
 
-/// Claimed rows (id, event_key, app_id, subscription_key, url, attempts, body, secret_key, updated_at) as
-/// jobs, sharing one body buffer per event.
+/// Claimed rows (id, event_key, app_id, webhook_key, subscription_key, url, attempts, body, secret_key,
+/// updated_at, w_state, s_state) as jobs, sharing one body buffer per event.
 fn jobs_from_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<DeliveryJob>> {
     let mut bodies: std::collections::HashMap<String, Bytes> = std::collections::HashMap::new();
     rows.iter()
@@ -260,10 +303,13 @@ fn jobs_from_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<DeliveryJob>> 
                     b
                 }
             };
+            let w_state: Option<String> = r.try_get("w_state")?;
+            let s_state: Option<String> = r.try_get("s_state")?;
             Ok(DeliveryJob {
                 id: r.try_get("id")?,
                 event_key,
                 app_id: r.try_get("app_id")?,
+                webhook_key: r.try_get("webhook_key")?,
                 subscription_key: r.try_get("subscription_key")?,
                 url: r.try_get("url")?,
                 body,
@@ -271,23 +317,31 @@ fn jobs_from_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<DeliveryJob>> 
                 attempts: r.try_get("attempts")?,
                 lease_until,
                 updated_at: r.try_get("updated_at")?,
+                standing: Standing::of(w_state.as_deref(), s_state.as_deref()),
+                routes_seen: 0,
             })
         })
         .collect()
 }
 
-/// Keeps a LISTEN connection open (reconnecting after failures) and calls `wake` on every notification.
-fn listen(pool: PgPool, wake: WorkSignal) {
+/// Keeps a LISTEN connection open (reconnecting after failures) and passes every notification on.
+fn listen(pool: PgPool, signals: Arc<SignalSlot>) {
     tokio::spawn(async move {
         loop {
             let result: Result<(), sqlx::Error> = async {
                 let mut listener = PgListener::connect_with(&pool).await?;
-                listener.listen(WORK_CHANNEL).await?;
-                // A reconnect may have missed notifications: look for work once.
-                wake();
+                listener.listen_all([WORK_CHANNEL, CONFIG_CHANNEL]).await?;
+                // A reconnect may have missed notifications: look for work once, and assume every change.
+                signals.work();
+                signals.routes();
+                signals.keys(None);
                 loop {
-                    listener.recv().await?;
-                    wake();
+                    let n = listener.recv().await?;
+                    match (n.channel(), n.payload()) {
+                        (WORK_CHANNEL, _) => signals.work(),
+                        (_, "routes") => signals.routes(),
+                        (_, keys) => signals.keys(keys.strip_prefix("keys:").and_then(|k| k.parse().ok())),
+                    }
                 }
             }
             .await;
@@ -344,10 +398,12 @@ sql_store!(PgStore, Postgres, PgRow, {
              u AS (UPDATE deliveries d SET lease_owner = $1, lease_until = $2 FROM c WHERE d.id = c.id \
                RETURNING d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, d.webhook_key, \
                  d.next_attempt_at, d.updated_at) \
-             SELECT u.id, u.event_key, u.app_id, u.subscription_key, u.url, u.attempts, e.body, w.secret_key, \
-               u.updated_at \
+             SELECT u.id, u.event_key, u.app_id, u.webhook_key, u.subscription_key, \
+               COALESCE(s.callback_url, w.callback_url, u.url) AS url, u.attempts, e.body, w.secret_key, \
+               u.updated_at, w.state AS w_state, s.state AS s_state \
              FROM u JOIN events e ON e.event_key = u.event_key \
-             LEFT JOIN webhooks w ON w.webhook_key = u.webhook_key ORDER BY u.next_attempt_at",
+             LEFT JOIN webhooks w ON w.webhook_key = u.webhook_key \
+             LEFT JOIN user_subscriptions s ON s.subscription_key = u.subscription_key ORDER BY u.next_attempt_at",
         )
         .bind(&lease.owner)
         .bind(lease.until)
@@ -375,14 +431,7 @@ sql_store!(PgStore, Postgres, PgRow, {
         let errors: Vec<Option<String>> = results.iter().map(|r| r.error.clone()).collect();
         let excerpts: Vec<Option<String>> = results.iter().map(|r| r.response_excerpt.clone()).collect();
         let nodes: Vec<&str> = results.iter().map(|r| r.node.as_str()).collect();
-        let (states, nexts): (Vec<&str>, Vec<i64>) = results
-            .iter()
-            .map(|r| match r.outcome {
-                Outcome::Delivered => ("delivered", now),
-                Outcome::RetryAt(at) => ("pending", at),
-                Outcome::Failed | Outcome::Gone => ("failed", now),
-            })
-            .unzip();
+        let (states, nexts): (Vec<&str>, Vec<i64>) = results.iter().map(|r| r.outcome.settles_as(now)).unzip();
         let subs = |pred: &dyn Fn(&Outcome) -> bool| {
             let mut v: Vec<&str> = results
                 .iter()
@@ -395,7 +444,7 @@ sql_store!(PgStore, Postgres, PgRow, {
         };
         let delivered = subs(&|o| *o == Outcome::Delivered);
         let gone = subs(&|o| *o == Outcome::Gone);
-        let failing = subs(&|o| matches!(o, Outcome::RetryAt(_) | Outcome::Failed));
+        let failing = subs(&|o| o.is_failure());
 
         // The attempts, the deliveries' new states and the end of their subscriptions' failure clocks: one
         // statement, so the usual all-delivered batch is one round trip and its own transaction. A delivery
@@ -414,18 +463,22 @@ sql_store!(PgStore, Postgres, PgRow, {
              a AS ( \
                INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
                  response_excerpt) \
-               SELECT id, number, node, started, duration, status, error, excerpt FROM u), \
+               SELECT id, number, node, started, duration, status, error, excerpt FROM u \
+               WHERE u.state NOT IN ('paused', 'cancelled')), \
              s AS ( \
                UPDATE user_subscriptions SET failing_since = NULL \
                WHERE subscription_key = ANY($12) AND failing_since IS NOT NULL), \
              r AS ( \
              UPDATE deliveries d SET \
-               state = CASE WHEN d.updated_at <> u.seen THEN d.state ELSE u.state END, \
+               state = CASE WHEN d.updated_at <> u.seen \
+                 AND NOT (u.state = 'delivered' AND d.state IN ('paused', 'cancelled')) THEN d.state ELSE u.state END, \
                attempts = GREATEST(d.attempts, u.number), \
                next_attempt_at = CASE WHEN d.updated_at <> u.seen THEN d.next_attempt_at ELSE u.next END, \
                lease_owner = CASE WHEN d.lease_owner <> u.node THEN d.lease_owner END, \
                lease_until = CASE WHEN d.lease_owner <> u.node THEN d.lease_until ELSE 0 END, \
-               last_status = u.status, last_error = u.error, \
+               last_status = u.status, \
+               last_error = CASE WHEN d.updated_at <> u.seen AND d.state IN ('paused', 'cancelled') \
+                 AND u.state <> 'delivered' THEN d.last_error ELSE u.error END, \
                updated_at = CASE WHEN d.updated_at <> u.seen THEN d.updated_at ELSE $11 END \
              FROM u WHERE d.id = u.id RETURNING d.state, u.state AS settled_as) \
              SELECT count(*) FILTER (WHERE state = 'pending' AND settled_as <> 'pending') FROM r",
@@ -561,7 +614,8 @@ sql_store!(PgStore, Postgres, PgRow, {
         &self.commits
     }
 
-    fn watch_for_work(&self, wake: WorkSignal) {
-        listen(self.write.clone(), wake);
+    fn watch(&self, signals: Signals) {
+        self.signals.set(signals);
+        listen(self.write.clone(), self.signals.clone());
     }
 });

@@ -26,6 +26,26 @@ pub struct SqliteStore {
     commits: Arc<Histogram>,
     /// What claims read with (see `claim_rows`).
     claims: Arc<std::sync::Mutex<ClaimReader>>,
+    signals: SignalSlot,
+}
+
+/// Waiting deliveries are read through the due index (which holds only them): the table has no index on their
+/// subscription or webhook, which would cost every delivery's insert and completion a write.
+const PENDING_DELIVERIES: &str = "deliveries INDEXED BY deliveries_due";
+
+impl SqliteStore {
+    /// One process owns the file: a change is heard here only.
+    async fn changed(&self, change: Changed) {
+        match change {
+            Changed::Keys(app_id) => self.signals.keys(Some(app_id)),
+            Changed::Routes { resumed } => {
+                self.signals.routes();
+                if resumed > 0 {
+                    self.signals.work();
+                }
+            }
+        }
+    }
 }
 
 /// The read connection claims use, driven directly through rusqlite, and where the last full claim stopped.
@@ -211,6 +231,7 @@ impl SqliteStore {
                 conn: claims,
                 from: None,
             })),
+            signals: SignalSlot::default(),
         })
     }
 }
@@ -505,17 +526,19 @@ static INSERT_ATTEMPTS: MultiRow = MultiRow::new(
     0,
 );
 
-/// A delivery changed since its attempt's job was read (an operator's retry or redeliver, which always move
-/// `updated_at`) keeps its new state, due time and lease: the attempt is logged, and the delivery is attempted
-/// again as asked.
+/// A delivery changed since its attempt's job was read (an operator's retry or redeliver, a pause or a
+/// cancellation, which always move `updated_at`) keeps its new state, due time and lease: the attempt is logged,
+/// and the delivery is attempted again as asked, or stays paused or cancelled (a delivered attempt still settles
+/// it as delivered). The rule is `store::KEEPS_CHANGE`, written for this statement's names.
 static UPDATE_DELIVERIES: MultiRow = MultiRow::new(
     "UPDATE OR FAIL deliveries SET \
-     state = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.state ELSE v.column2 END, \
+     state = CASE WHEN deliveries.updated_at <> v.column7 AND NOT (v.column2 = 'delivered' AND deliveries.state IN ('paused', 'cancelled')) THEN deliveries.state ELSE v.column2 END, \
      attempts = max(deliveries.attempts, v.column3), \
      next_attempt_at = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.next_attempt_at ELSE v.column4 END, \
      lease_owner = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.lease_owner END, \
      lease_until = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.lease_until ELSE 0 END, \
-     last_status = v.column5, last_error = v.column6, \
+     last_status = v.column5, \
+     last_error = CASE WHEN deliveries.updated_at <> v.column7 AND deliveries.state IN ('paused', 'cancelled') AND v.column2 <> 'delivered' THEN deliveries.last_error ELSE v.column6 END, \
      updated_at = CASE WHEN deliveries.updated_at <> v.column7 THEN deliveries.updated_at ELSE ?1 END \
      FROM (VALUES ",
     "(#, #, #, #, #, #, #)",
@@ -748,6 +771,7 @@ fn publish_all(
                         id,
                         event_key: ev.event_key.clone(),
                         app_id: t.app_id,
+                        webhook_key: t.webhook_key.clone(),
                         subscription_key: t.subscription_key.clone(),
                         url: t.url.clone(),
                         body: ev.body.clone(),
@@ -755,6 +779,9 @@ fn publish_all(
                         attempts: 0,
                         lease_until: HELD,
                         updated_at: now,
+                        // The fan-out read only ACTIVE subscriptions of ACTIVE webhooks.
+                        standing: Standing::Active,
+                        routes_seen: 0,
                     });
                 }
             }
@@ -805,7 +832,15 @@ fn subscriptions_where(records: &[&AttemptRecord], pred: impl Fn(Outcome) -> boo
 
 fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_after_ms: i64) -> Result<()> {
     let now = now_ms();
-    for chunk in chunks(records) {
+    // Deliveries that were paused or cancelled instead of sent have no attempt to log.
+    let attempted: Vec<&AttemptRecord>;
+    let attempts = if records.iter().all(|r| r.outcome.attempted()) {
+        records
+    } else {
+        attempted = records.iter().copied().filter(|r| r.outcome.attempted()).collect();
+        &attempted
+    };
+    for chunk in chunks(attempts) {
         let mut stmt = tx.prepare_cached(INSERT_ATTEMPTS.sql(chunk.len()))?;
         for (i, r) in chunk.iter().enumerate() {
             let p = |c| INSERT_ATTEMPTS.param(i, c);
@@ -819,16 +854,13 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
             stmt.raw_bind_parameter(p(7), r.response_excerpt.as_deref())?;
         }
         stmt.raw_execute()?;
-
+    }
+    for chunk in chunks(records) {
         let mut stmt = tx.prepare_cached(UPDATE_DELIVERIES.sql(chunk.len()))?;
         stmt.raw_bind_parameter(1, now)?;
         for (i, r) in chunk.iter().enumerate() {
             let p = |c| UPDATE_DELIVERIES.param(i, c);
-            let (state, next) = match r.outcome {
-                Outcome::Delivered => ("delivered", now),
-                Outcome::RetryAt(at) => ("pending", at),
-                Outcome::Failed | Outcome::Gone => ("failed", now),
-            };
+            let (state, next) = r.outcome.settles_as(now);
             stmt.raw_bind_parameter(p(0), r.delivery_id)?;
             stmt.raw_bind_parameter(p(1), state)?;
             stmt.raw_bind_parameter(p(2), r.number)?;
@@ -841,7 +873,7 @@ fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord], disable_af
     }
 
     // A subscription's failure clock: started by a failure, stopped by any success.
-    let failing = subscriptions_where(records, |o| matches!(o, Outcome::RetryAt(_) | Outcome::Failed))?;
+    let failing = subscriptions_where(records, Outcome::is_failure)?;
     let delivered = subscriptions_where(records, |o| o == Outcome::Delivered)?;
     let gone = subscriptions_where(records, |o| o == Outcome::Gone)?;
     if let Some(keys) = &failing {
@@ -893,10 +925,13 @@ fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, lim
     // array, which SQLite turns into a temporary index), so only the rows taken are read. From a position: the
     // rows held are behind it, except the few a publish's fast path took since, which are dropped below.
     let (reading, holding) = ClaimRead::start(held, from.is_none())?;
-    const COLUMNS: &str = "SELECT d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, \
-         d.next_attempt_at, e.body, w.secret_key, d.updated_at \
+    // The subscription and webhook as they are now: their URL and key, and whether they still stand.
+    const COLUMNS: &str = "SELECT d.id, d.event_key, d.app_id, d.subscription_key, \
+         COALESCE(s.callback_url, w.callback_url, d.url), d.attempts, \
+         d.next_attempt_at, e.body, w.secret_key, d.updated_at, d.webhook_key, w.state, s.state \
          FROM deliveries d JOIN events e ON e.event_key = d.event_key \
          LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key \
+         LEFT JOIN user_subscriptions s ON s.subscription_key = d.subscription_key \
          WHERE d.state = 'pending' AND d.next_attempt_at <= ?1";
     let mut stmt;
     let mut rows = match (from, holding) {
@@ -930,10 +965,12 @@ fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, lim
                 b
             }
         };
+        let (w_state, s_state): (Option<String>, Option<String>) = (r.get(11)?, r.get(12)?);
         jobs.push(DeliveryJob {
             id,
             event_key,
             app_id: r.get(2)?,
+            webhook_key: r.get(10)?,
             subscription_key: r.get(3)?,
             url: r.get(4)?,
             body,
@@ -941,6 +978,8 @@ fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, lim
             attempts: r.get(5)?,
             lease_until: HELD,
             updated_at: r.get(9)?,
+            standing: Standing::of(w_state.as_deref(), s_state.as_deref()),
+            routes_seen: 0,
         });
     }
     drop(rows);
@@ -967,6 +1006,10 @@ fn claim_rows(reader: &std::sync::Mutex<ClaimReader>, held: &Held, now: i64, lim
 sql_store!(SqliteStore, Sqlite, SqliteRow, {
     fn commit_durations(&self) -> &Histogram {
         &self.commits
+    }
+
+    fn watch(&self, signals: Signals) {
+        self.signals.set(signals);
     }
 
     async fn ping(&self) -> Result<()> {

@@ -11,14 +11,15 @@ crate::on_both!(
     all_four_events_arrive_signed_and_byte_for_byte,
     only_active_webhook_and_active_subscription_receive,
     secret_key_rotation_with_valid_from_in_the_future,
-    webhook_secret_wins_and_no_key_means_unsigned,
+    webhook_secret_wins_and_an_application_without_a_key_gets_one,
     publishing_is_idempotent_on_event_key,
     failures_are_retried_and_every_attempt_logged,
     a_slow_receiver_times_out_and_is_retried,
     retry_after_is_honoured_on_429,
     gone_deactivates_the_subscription,
     a_receiver_that_is_down_gets_everything_when_it_comes_back,
-    exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_repaired,
+    exhausted_deliveries_fail_and_are_repaired,
+    a_failing_subscription_is_disabled_and_its_deliveries_wait_for_it,
     deliveries_can_be_listed_filtered_and_paged,
     standard_webhooks_headers_when_enabled,
     shutdown_waits_for_in_flight_attempts,
@@ -168,18 +169,23 @@ async fn secret_key_rotation_with_valid_from_in_the_future(b: Backend) {
     assert!(signed_with(&got[1], &new), "the new key signs from its validFrom on");
 }
 
-async fn webhook_secret_wins_and_no_key_means_unsigned(b: Backend) {
+async fn webhook_secret_wins_and_an_application_without_a_key_gets_one(b: Backend) {
     let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
+    // The application never asked for a key: its first webhook made one, and that signs.
     app.subscribe("webinar.created", &rx.url).await;
+    let app_id = app.store.ensure_app("app-a").await.unwrap();
+    let keys = app.store.secret_keys(app_id).await.unwrap();
+    assert_eq!(keys.len(), 1, "one key, made with the first webhook");
     app.publish(webinar(1)).await;
     let got = rx.wait_for(1, SECS).await;
-    assert!(
-        got[0].header("x-webhook-signature").is_none(),
-        "no key at all: unsigned"
-    );
-
+    assert!(signed_with(&got[0], &keys[0].value), "signed with the key made for it");
+    // POST /webhooks/secretkey rotates it: the new key signs from now on.
     let app_key = secret(&app, None).await;
+    app.publish(webinar(2)).await;
+    let got = rx.wait_for(2, SECS).await;
+    assert!(signed_with(&got[1], &app_key));
+
     let url = format!("{}/own", rx.url);
     let res = app
         .call(Method::POST, "/webhooks", Some(json!({"product": "g2w", "eventName": "registrant.added", "eventVersion": "1.0.0", "callbackUrl": url, "secretKey": "hook-secret"})))
@@ -200,9 +206,13 @@ async fn webhook_secret_wins_and_no_key_means_unsigned(b: Backend) {
         json!({"eventName": "registrant.added", "webinarKey": 1, "registrantKey": 2, "webinarCreatorKey": 1001}),
     )
     .await;
-    let got = rx.wait_for(2, SECS).await;
-    assert!(signed_with(&got[1], "hook-secret"));
-    assert!(!signed_with(&got[1], &app_key));
+    let got = rx.wait_for(3, SECS).await;
+    assert!(signed_with(&got[2], "hook-secret"));
+    assert!(!signed_with(&got[2], &app_key));
+    assert!(
+        got.iter().all(|r| r.header("x-webhook-signature").is_some()),
+        "nothing unsigned"
+    );
 }
 
 async fn publishing_is_idempotent_on_event_key(b: Backend) {
@@ -340,8 +350,8 @@ async fn a_receiver_that_is_down_gets_everything_when_it_comes_back(b: Backend) 
     assert_eq!(keys, vec![1, 2, 3]);
 }
 
-async fn exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_repaired(b: Backend) {
-    let app = TestApp::on_with(b, |a| a.disable_after = Duration::from_millis(1)).await;
+async fn exhausted_deliveries_fail_and_are_repaired(b: Backend) {
+    let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     rx.respond(|_| (500, vec![], Duration::ZERO));
     let (_, sk) = app.subscribe("webinar.created", &rx.url).await;
@@ -352,14 +362,6 @@ async fn exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_r
     };
     crate::support::eventually("failed", SECS, || async { app.delivery(id).await["state"] == "failed" }).await;
     assert_eq!(app.delivery(id).await["attempts"], 4, "one attempt and three retries");
-    let v: Value = app
-        .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["userSubscriptionState"], "INACTIVE");
-    assert!(v["inactiveReason"].as_str().unwrap().contains("failed"));
 
     // Repair: the receiver recovers, the operator retries the subscription's failed deliveries.
     rx.respond(|_| (200, vec![], Duration::ZERO));
@@ -394,6 +396,62 @@ async fn exhausted_deliveries_fail_and_a_failing_subscription_is_disabled_then_r
         app.admin(Method::POST, "/deliveries/999999/retry", None).await.status(),
         404
     );
+}
+
+/// The failure window deactivates a failing subscription; its waiting delivery is then paused, not attempted,
+/// and is sent once the tenant activates the subscription again.
+async fn a_failing_subscription_is_disabled_and_its_deliveries_wait_for_it(b: Backend) {
+    let app = TestApp::on_with(b, |a| {
+        a.disable_after = Duration::from_millis(1);
+        a.retry_schedule = g2w_webhooks::config::parse_schedule("100ms,100ms,100ms,100ms").unwrap();
+    })
+    .await;
+    let rx = Receiver::start().await;
+    rx.respond(|_| (500, vec![], Duration::ZERO));
+    let (_, sk) = app.subscribe("webinar.created", &rx.url).await;
+    app.publish(webinar(1)).await;
+    crate::support::eventually("one delivery", SECS, || async { !app.deliveries("").await.is_empty() }).await;
+    let id = app.deliveries("").await[0]["id"].as_i64().unwrap();
+    crate::support::eventually("paused", SECS, || async { app.delivery(id).await["state"] == "paused" }).await;
+    let v: Value = app
+        .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["userSubscriptionState"], "INACTIVE");
+    assert!(v["inactiveReason"].as_str().unwrap().contains("failed"));
+    let sent = rx.count();
+    assert!(sent < 4, "deactivated before its retries ran out: {sent}");
+    // At least two retries' worth of quiet: nothing more is sent while it is inactive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.count(), sent, "nothing is sent to an inactive subscription");
+    let d = app.delivery(id).await;
+    assert_eq!(
+        d["attempts"].as_i64().unwrap() as usize,
+        sent,
+        "a paused delivery logs no attempt"
+    );
+    // A retry asked of a paused delivery says why it waits.
+    let res = app.admin(Method::POST, &format!("/deliveries/{id}/retry"), None).await;
+    assert_eq!(res.status(), 409);
+    assert!(res.text().await.unwrap().contains("ACTIVE again"));
+
+    // The receiver recovers and the tenant activates the subscription: the delivery is sent.
+    rx.respond(|_| (200, vec![], Duration::ZERO));
+    let res = app
+        .call(
+            Method::PUT,
+            &format!("/userSubscriptions/{sk}"),
+            Some(json!({"userSubscriptionState": "ACTIVE"})),
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    crate::support::eventually("delivered", SECS, || async {
+        app.delivery(id).await["state"] == "delivered"
+    })
+    .await;
+    assert_eq!(rx.count(), sent + 1);
 }
 
 async fn deliveries_can_be_listed_filtered_and_paged(b: Backend) {

@@ -9,6 +9,7 @@ mod cluster;
 mod compat;
 mod crash;
 mod delivery;
+mod lifecycle;
 mod listen;
 mod management;
 mod openapi;

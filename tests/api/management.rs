@@ -9,7 +9,7 @@ crate::on_both!(
     contract_forms_of_every_operation,
     real_goto_forms,
     secret_key_bodies_and_rotation_fields,
-    unsigned_webhook_says_so_and_own_secret_is_kept
+    a_webhook_says_which_key_signs_it_and_keeps_its_own
 );
 
 fn hook_body(url: &str, event: &str) -> Value {
@@ -336,7 +336,7 @@ async fn secret_key_bodies_and_rotation_fields(b: Backend) {
     assert!(v["description"].as_str().unwrap().contains("validFrom"));
 }
 
-async fn unsigned_webhook_says_so_and_own_secret_is_kept(b: Backend) {
+async fn a_webhook_says_which_key_signs_it_and_keeps_its_own(b: Backend) {
     let app = TestApp::on(b).await;
     let rx = Receiver::start().await;
     let h: Value = app
@@ -345,7 +345,12 @@ async fn unsigned_webhook_says_so_and_own_secret_is_kept(b: Backend) {
         .json()
         .await
         .unwrap();
-    assert_eq!(h["signing"], "UNSIGNED");
+    assert_eq!(
+        h["signing"], "APPLICATION_SECRET_KEY",
+        "the first webhook gives the application a key"
+    );
+    let app_id = app.store.ensure_app("app-a").await.unwrap();
+    assert_eq!(app.store.secret_keys(app_id).await.unwrap().len(), 1);
     let mut body = hook_body(&rx.url, "webinar.created");
     body["secretKey"] = json!("my-own-secret");
     let h: Value = app
@@ -356,4 +361,5 @@ async fn unsigned_webhook_says_so_and_own_secret_is_kept(b: Backend) {
         .unwrap();
     assert_eq!(h["signing"], "WEBHOOK_SECRET_KEY");
     assert_eq!(h["secretKey"], "my-own-secret");
+    assert_eq!(app.store.secret_keys(app_id).await.unwrap().len(), 1, "made once");
 }

@@ -1,9 +1,9 @@
 //! The storage trait's contract, run against both backends: every `Store` must behave the same.
 
 use bytes::Bytes;
-use g2w_webhooks::domain::{EventName, NewSubscription, NewWebhook, State, Tenant, WebhookChange};
+use g2w_webhooks::domain::{EventName, NewSubscription, NewWebhook, State, SubscriptionChange, Tenant, WebhookChange};
 use g2w_webhooks::store::{
-    self, AttemptRecord, DeliveryFilter, DynStore, Lease, NewEvent, Outcome, Pruned, RetryTarget,
+    self, AttemptRecord, DeliveryFilter, DynStore, Lease, NewEvent, Outcome, Pruned, RetryTarget, Standing,
 };
 
 use crate::support::Backend;
@@ -20,7 +20,10 @@ crate::on_both!(
     ids_of_removed_deliveries_are_not_given_again_after_a_restart,
     an_event_goes_with_its_last_delivery,
     a_database_from_before_delivery_id_ranges_finds_its_events_deliveries,
-    listing_by_creation_time_finds_every_delivery_in_the_window
+    listing_by_creation_time_finds_every_delivery_in_the_window,
+    deleting_a_subscription_cancels_its_waiting_deliveries_at_once,
+    claims_read_where_a_subscription_stands_now,
+    an_attempt_in_flight_when_its_subscription_changes_keeps_the_change
 );
 
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
@@ -548,6 +551,11 @@ async fn a_database_from_before_delivery_id_ranges_finds_its_events_deliveries(b
     let rows = "INSERT INTO events (event_key, organizer_key, event_name, body, deliveries, created_at) VALUES \
           ('two', 7, 'webinar.created', $1, 2, 100), ('other', 7, 'webinar.created', $1, 1, 100), \
           ('none', 7, 'webinar.created', $1, 0, 100); \
+        INSERT INTO applications (id, name, created_at) VALUES (1, 'a', 100); \
+        INSERT INTO webhooks (webhook_key, app_id, event_name, event_version, callback_url, state, created_at) \
+          VALUES ('w', 1, 'webinar.created', '1.0.0', 'https://a.example/', 'ACTIVE', 100); \
+        INSERT INTO user_subscriptions (subscription_key, app_id, organizer_key, webhook_key, state, created_at) \
+          VALUES ('s1', 1, 7, 'w', 'ACTIVE', 100); \
         INSERT INTO deliveries (event_key, event_name, app_id, webhook_key, subscription_key, url, state, \
           next_attempt_at, created_at, updated_at) VALUES \
           ('two', 'webinar.created', 1, 'w', 's1', 'https://a.example/', 'delivered', 100, 100, 100), \
@@ -574,7 +582,7 @@ async fn a_database_from_before_delivery_id_ranges_finds_its_events_deliveries(b
     assert_eq!(s.list_deliveries(&of("other")).await.unwrap().len(), 1);
 }
 
-/// Writes `statements` (separated by "; ", each given `{}` as its one parameter) into the database at `url`
+/// Writes `statements` (separated by "; ", each given `{}` as `$1` where it has one) into the database at `url`
 /// before a store opens it, migrated up to below `before` (SQLite's version, PostgreSQL's), or fully.
 async fn write_rows(b: &Backend, url: &str, before: Option<(i64, i64)>, statements: &str) {
     macro_rules! write {
@@ -592,7 +600,12 @@ async fn write_rows(b: &Backend, url: &str, before: Option<(i64, i64)>, statemen
             }
             migrator.run(&pool).await.unwrap();
             for statement in statements.split("; ") {
-                sqlx::query(statement).bind(&b"{}"[..]).execute(&pool).await.unwrap();
+                let query = sqlx::query(statement);
+                let query = match statement.contains("$1") {
+                    true => query.bind(&b"{}"[..]),
+                    false => query,
+                };
+                query.execute(&pool).await.unwrap();
             }
             pool.close().await;
         }};
@@ -679,4 +692,141 @@ async fn listing_by_creation_time_finds_every_delivery_in_the_window(b: Backend)
             assert_eq!(got, want, "since {since:?}, until {until:?}");
         }
     }
+}
+
+/// Deleting a subscription ends its waiting deliveries in one step: bounded time however many wait, and none of
+/// them claimable afterwards. Another tenant's waiting delivery is untouched.
+async fn deleting_a_subscription_cancels_its_waiting_deliveries_at_once(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (t, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let (_, _, other) = subscribed(&s, "b", 8, EventName::WebinarCreated).await;
+    for batch in 0..10 {
+        let events = (0..1000).map(|i| event(&format!("e{batch}-{i}"), 7)).collect();
+        s.publish(events, None).await.unwrap();
+    }
+    s.publish(vec![event("o", 8)], None).await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(s.delete_subscriptions(t, std::slice::from_ref(&sk)).await.unwrap(), 1);
+    let took = started.elapsed();
+    eprintln!("10,000 waiting deliveries cancelled in {took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "10,000 cancelled in {took:?}");
+    let jobs = s
+        .claim_due(g2w_webhooks::domain::now_ms() + 1000, &lease("n", 60_000), 20_000)
+        .await
+        .unwrap();
+    let claimed: Vec<&str> = jobs.iter().map(|j| j.subscription_key.as_str()).collect();
+    assert_eq!(
+        claimed,
+        [other.as_str()],
+        "only the other tenant's delivery is claimable"
+    );
+    let cancelled = s
+        .list_deliveries(&DeliveryFilter {
+            state: Some("cancelled".into()),
+            limit: 20_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(cancelled.len(), 10_000);
+    assert!(cancelled
+        .iter()
+        .all(|d| d.last_error.as_deref() == Some("subscription deleted")));
+}
+
+/// A claim reads the subscription as it stands: its URL now, and whether it is still ACTIVE.
+async fn claims_read_where_a_subscription_stands_now(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (t, wk, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    s.publish(vec![event("e1", 7)], None).await.unwrap();
+    let new_url = "https://moved.example/hook".to_string();
+    let change = WebhookChange {
+        key: wk.clone(),
+        state: None,
+        callback_url: Some(new_url.clone()),
+    };
+    s.update_webhooks(t.app_id, vec![change]).await.unwrap();
+    let now = || g2w_webhooks::domain::now_ms() + 1000;
+    let jobs = s.claim_due(now(), &lease("n", 60_000), 10).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        (jobs[0].url.as_str(), jobs[0].standing),
+        (new_url.as_str(), Standing::Active)
+    );
+    let listed = s.get_delivery(jobs[0].id).await.unwrap().unwrap().0;
+    assert_eq!(listed.url, new_url, "the waiting delivery shows where it goes now");
+    s.record_attempts(vec![first_attempt(&jobs[0], Outcome::RetryAt(0))], i64::MAX)
+        .await
+        .unwrap();
+
+    // Deactivated: the waiting delivery is paused at once, and out of the claims.
+    let deactivate = |state| SubscriptionChange {
+        key: sk.clone(),
+        state: Some(state),
+        callback_url: None,
+    };
+    s.update_subscriptions(t, vec![deactivate(State::Inactive)])
+        .await
+        .unwrap();
+    let id = jobs[0].id;
+    assert_eq!(s.get_delivery(id).await.unwrap().unwrap().0.state, "paused");
+    assert!(s.claim_due(now(), &lease("n", 60_000), 10).await.unwrap().is_empty());
+    // Made pending again by an operator while still inactive: the claim says so, and the engine pauses it again
+    // without logging an attempt.
+    assert_eq!(s.retry_deliveries(RetryTarget::Delivery(id)).await.unwrap(), 1);
+    let jobs = s.claim_due(now(), &lease("n", 60_000), 10).await.unwrap();
+    assert_eq!(jobs[0].standing, Standing::Inactive);
+    let mut paused = first_attempt(&jobs[0], Outcome::Paused);
+    paused.number = jobs[0].attempts;
+    s.record_attempts(vec![paused], i64::MAX).await.unwrap();
+    let (d, attempts) = s.get_delivery(id).await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.attempts, attempts.len()), ("paused", 1, 1));
+    // Active again: due now.
+    s.update_subscriptions(t, vec![deactivate(State::Active)])
+        .await
+        .unwrap();
+    let jobs = s.claim_due(now(), &lease("n", 60_000), 10).await.unwrap();
+    assert_eq!((jobs.len(), jobs[0].standing), (1, Standing::Active));
+}
+
+/// An attempt in flight when its subscription is paused or deleted: a success settles the delivery as
+/// delivered; anything else leaves it paused or cancelled, with the attempt logged.
+async fn an_attempt_in_flight_when_its_subscription_changes_keeps_the_change(b: Backend) {
+    let (s, _dir) = open(b).await;
+    let (t, _, sk) = subscribed(&s, "a", 7, EventName::WebinarCreated).await;
+    let jobs = publish_leased(&s, vec![event("e1", 7), event("e2", 7)]).await;
+    let change = SubscriptionChange {
+        key: sk.clone(),
+        state: Some(State::Inactive),
+        callback_url: None,
+    };
+    s.update_subscriptions(t, vec![change]).await.unwrap();
+    s.record_attempts(
+        vec![
+            first_attempt(&jobs[0], Outcome::Delivered),
+            first_attempt(&jobs[1], Outcome::RetryAt(0)),
+        ],
+        i64::MAX,
+    )
+    .await
+    .unwrap();
+    let state = |id| {
+        let s = s.clone();
+        async move { s.get_delivery(id).await.unwrap().unwrap() }
+    };
+    assert_eq!(state(jobs[0].id).await.0.state, "delivered");
+    let (d, attempts) = state(jobs[1].id).await;
+    assert_eq!((d.state.as_str(), attempts.len()), ("paused", 1));
+
+    s.delete_subscriptions(t, &[sk]).await.unwrap();
+    assert_eq!(
+        state(jobs[0].id).await.0.state,
+        "delivered",
+        "what was delivered stays so"
+    );
+    let (d, _) = state(jobs[1].id).await;
+    assert_eq!(
+        (d.state.as_str(), d.last_error.as_deref()),
+        ("cancelled", Some("subscription deleted"))
+    );
 }

@@ -27,7 +27,7 @@ pub struct TestApp {
     pub db_url: String,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 /// The database a test runs on. PostgreSQL tests run when `TEST_DATABASE_URL` is set, each in a schema of its own.
@@ -173,7 +173,7 @@ impl TestApp {
             db_url,
             shutdown,
             handle: Some(handle),
-            _dir: dir,
+            dir: Some(dir),
         }
     }
 
@@ -286,6 +286,25 @@ impl TestApp {
         if let Some(h) = self.handle.take() {
             h.await.expect("join").expect("clean stop");
         }
+    }
+
+    /// Stops the node and hands back its database (URL and the directory holding a SQLite file), for a node
+    /// started on it later.
+    pub async fn stop_keeping_data(mut self) -> (String, tempfile::TempDir) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("join").expect("clean stop");
+        }
+        (self.db_url.clone(), self.dir.take().expect("the node's directory"))
+    }
+
+    /// A node on a database URL prepared by the caller, configured.
+    pub async fn start_on_url_with(
+        db_url: String,
+        dir: tempfile::TempDir,
+        configure: impl FnOnce(&mut ServeArgs),
+    ) -> Self {
+        Self::start(db_url, dir, configure).await
     }
 }
 
@@ -404,6 +423,21 @@ impl Receiver {
 
     pub fn stop(&self) {
         self.shutdown.cancel();
+    }
+
+    /// After the state that should stop callbacks was observed: asserts that no more than `n` arrive within
+    /// `window` (chosen to hold at least two retries).
+    pub async fn stays_at(&self, n: usize, window: Duration) {
+        let deadline = Instant::now() + window;
+        while Instant::now() < deadline {
+            assert!(
+                self.count() <= n,
+                "a callback arrived after it should have stopped: {} > {n}",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(self.count(), n, "callbacks arrived after they should have stopped");
     }
 }
 
