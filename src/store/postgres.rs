@@ -587,7 +587,7 @@ sql_store!(PgStore, Postgres, PgRow, {
         let sql = format!(
             "WITH d AS ( \
                DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
-                 WHERE id < {bound} AND created_at < $1 AND updated_at < $1 AND state IN ('delivered', 'failed') \
+                 WHERE id < {bound} AND created_at < $1 AND updated_at < $1 AND state IN ('delivered', 'failed', 'cancelled') \
                  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
                RETURNING id, event_key), \
              a AS (DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM d) RETURNING 1), \

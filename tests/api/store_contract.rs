@@ -732,6 +732,9 @@ async fn deleting_a_subscription_cancels_its_waiting_deliveries_at_once(b: Backe
     assert!(cancelled
         .iter()
         .all(|d| d.last_error.as_deref() == Some("subscription deleted")));
+    // Cancelled is final: retention removes them like finished ones; the waiting delivery stays.
+    let pruned = s.prune(g2w_webhooks::domain::now_ms() + 1000, 20_000).await.unwrap();
+    assert_eq!((pruned.deliveries, pruned.events), (10_000, 10_000));
 }
 
 /// A claim reads the subscription as it stands: its URL now, and whether it is still ACTIVE.
