@@ -4,31 +4,31 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::config::{AdminClientArgs, Command, DeliveriesCommand, TokenCommand, TriggerArgs};
+use crate::domain::token;
 use crate::domain::{format_ms, now_ms, EventName};
-use crate::http::extract::hash_token;
 use crate::store;
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Migrate(db) => {
-            store::connect(&db.database_url, 1, "full").await?;
+            store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
             eprintln!("database is up to date");
             Ok(())
         }
         Command::DevTokens(db) => {
-            let store = store::connect(&db.database_url, 1, "full").await?;
+            let store = store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
             let dev = crate::dev_tokens(&store).await?;
             println!("export G2W_TOKEN={} G2W_ADMIN_TOKEN={}", dev.bearer, dev.admin);
             Ok(())
         }
         Command::Token(TokenCommand::Create { app, organizer, db }) => {
-            let store = store::connect(&db.database_url, 1, "full").await?;
+            let store = store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
             println!("{}", crate::issue_token(&store, &app, organizer).await?);
             Ok(())
         }
         Command::Token(TokenCommand::Revoke { token, db }) => {
-            let store = store::connect(&db.database_url, 1, "full").await?;
-            if !store.revoke_token(&hash_token(token.trim())).await? {
+            let store = store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
+            if !store.revoke_token(&token::hash(token.trim())).await? {
                 bail!("no live token matches");
             }
             eprintln!("revoked");
@@ -54,12 +54,6 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Serve(_) | Command::Worker(_) => unreachable!("handled by main"),
     }
-}
-
-/// A new bearer token: 160 random bits, hex.
-pub fn new_token() -> String {
-    let bytes: [u8; 20] = rand::random();
-    format!("g2w_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 async fn admin_call(

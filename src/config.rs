@@ -153,8 +153,30 @@ pub struct ServeArgs {
     pub db_pool: u32,
 
     /// SQLite durability: `full` makes an acknowledged write survive power loss, `normal` survives a process crash.
-    #[arg(long, env = "G2W_SQLITE_SYNCHRONOUS", default_value = "full")]
-    pub sqlite_synchronous: String,
+    #[arg(long, env = "G2W_SQLITE_SYNCHRONOUS", value_enum, default_value_t = Durability::Full)]
+    pub sqlite_synchronous: Durability,
+}
+
+/// How durable an acknowledged write is on SQLite (its `synchronous` setting; PostgreSQL has its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// Survives power loss: each commit is synced to disk before it is acknowledged.
+    Full,
+    /// Survives a crash of the process, not of the machine.
+    Normal,
+    /// Benchmarks only: a crash of the machine can lose or corrupt acknowledged writes.
+    Off,
+}
+
+impl Durability {
+    /// The flag's value, as the server's command line takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Full => "full",
+            Durability::Normal => "normal",
+            Durability::Off => "off",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -357,5 +379,20 @@ mod tests {
         assert!(parse_retention("forever").is_err());
         let s = parse_schedule("5s,30s,2m").expect("parses");
         assert_eq!(s.0.len(), 3);
+    }
+
+    #[test]
+    fn the_sqlite_durability_is_one_of_its_names() {
+        let parse = |v: &str| Cli::try_parse_from(["g2w-webhooks", "serve", "--sqlite-synchronous", v]);
+        let err = parse("sometimes").expect_err("refused");
+        assert!(err.to_string().contains("sometimes"), "{err}");
+        match parse("normal").expect("accepted").command {
+            Command::Serve(args) => assert_eq!(args.sqlite_synchronous, Durability::Normal),
+            _ => panic!("a serve command"),
+        }
+        assert_eq!(
+            ServeArgs::for_database("sqlite://x.db").sqlite_synchronous,
+            Durability::Full
+        );
     }
 }

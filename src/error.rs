@@ -36,6 +36,9 @@ pub enum Error {
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
     Internal(String),
+    /// A setting the service cannot start with (found at start-up, never in answer to a request).
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -102,7 +105,7 @@ impl Error {
             {
                 (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable")
             }
-            Error::Database(_) | Error::Sqlite(_) | Error::Internal(_) => {
+            Error::Database(_) | Error::Sqlite(_) | Error::Internal(_) | Error::Config(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "InternalError")
             }
         }

@@ -5,11 +5,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub mod callback;
 pub mod cli;
 pub mod config;
 pub mod delivery;
@@ -18,6 +17,7 @@ pub mod error;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod outbound;
 pub mod signing;
 pub mod store;
 
@@ -34,9 +34,9 @@ pub const DEV_ORGANIZER: i64 = 1000;
 /// Issues a new bearer token for an application (created if new) and organizer; only its hash is stored.
 pub async fn issue_token(store: &DynStore, app: &str, organizer_key: i64) -> error::Result<String> {
     let app_id = store.ensure_app(app).await?;
-    let token = cli::new_token();
+    let token = domain::token::new_token();
     store
-        .insert_token(&http::extract::hash_token(&token), Tenant { app_id, organizer_key })
+        .insert_token(&domain::token::hash(&token), Tenant { app_id, organizer_key })
         .await?;
     Ok(token)
 }
@@ -85,7 +85,7 @@ pub async fn dev_tokens(store: &DynStore) -> anyhow::Result<DevTokens> {
     let app_id = store.ensure_app(DEV_APP).await?;
     store
         .insert_token(
-            &http::extract::hash_token(&bearer),
+            &domain::token::hash(&bearer),
             Tenant {
                 app_id,
                 organizer_key: DEV_ORGANIZER,
@@ -106,7 +106,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = store::connect(&args.db.database_url, args.db_pool, &args.sqlite_synchronous)
+    let store = store::connect(&args.db.database_url, args.db_pool, args.sqlite_synchronous)
         .await
         .context("opening the database")?;
     if args.db.database_url.starts_with("sqlite:") {
@@ -120,9 +120,9 @@ pub async fn run(
         }
     }
     let policy = if args.dev {
-        callback::Policy::AllowPrivate
+        outbound::Policy::AllowPrivate
     } else {
-        callback::Policy::Public
+        outbound::Policy::Public
     };
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
     if args.dev {
@@ -144,7 +144,7 @@ pub async fn run(
         lease: args.lease,
         poll_interval: args.poll_interval,
         shutdown_grace: args.shutdown_grace,
-        client: callback::DeliveryClient::new(policy, args.attempt_timeout, args.max_in_flight.max(1)),
+        client: outbound::DeliveryClient::new(policy, args.attempt_timeout, args.max_in_flight.max(1)),
     };
     let metrics = Arc::new(metrics::Metrics::default());
     let (engine, rx) = Engine::new(store.clone(), settings, metrics);
@@ -161,8 +161,8 @@ pub async fn run(
         store,
         engine,
         policy,
-        check_client: callback::client(policy, args.callback_check_timeout, 4),
-        admin_token_hash: admin_token.map(|t| Sha256::digest(t.as_bytes()).into()),
+        check_client: outbound::client(policy, args.callback_check_timeout, 4),
+        admin_token_hash: admin_token.as_deref().map(domain::token::digest),
         rate_limit: args.rate_limit.map(|n| Arc::new(http::limit::RateLimit::new(n))),
     };
     let app = match role {

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::store::QueueStats;
+use crate::domain::delivery::QueueStats;
 
 /// Upper bounds of the attempt latency histogram, in seconds.
 const ATTEMPT_BUCKETS: [f64; 14] = [
@@ -97,13 +97,6 @@ impl Metrics {
     pub fn attempt(&self, outcome: usize, seconds: f64) {
         self.attempts[outcome].fetch_add(1, Relaxed);
         self.attempt_seconds.observe(seconds);
-    }
-
-    pub fn attempts_with(&self, outcome: &str) -> u64 {
-        OUTCOMES
-            .iter()
-            .position(|o| *o == outcome)
-            .map_or(0, |i| self.attempts[i].load(Relaxed))
     }
 
     pub fn render(&self, queue: QueueStats, commits: &Histogram, now_ms: i64) -> String {

@@ -6,10 +6,10 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Uri};
 use rand::Rng;
 
-use crate::callback::{DeliveryClient, SendError};
+use crate::domain::delivery::{AttemptRecord, DeliveryJob, Outcome};
 use crate::domain::{format_ms, now_ms};
+use crate::outbound::{DeliveryClient, SendError};
 use crate::signing;
-use crate::store::{AttemptRecord, DeliveryJob, Outcome};
 
 /// First bytes of a response body kept with the attempt.
 const EXCERPT: usize = 1024;
@@ -158,7 +158,7 @@ mod tests {
 
     /// A delivery client for loopback and a one-step retry schedule, for `attempt`.
     fn client_and_policy() -> (DeliveryClient, RetryPolicy) {
-        let client = DeliveryClient::new(crate::callback::Policy::AllowPrivate, Duration::from_secs(1), 1);
+        let client = DeliveryClient::new(crate::outbound::Policy::AllowPrivate, Duration::from_secs(1), 1);
         let policy = RetryPolicy {
             schedule: vec![Duration::from_secs(5)],
         };
@@ -188,7 +188,7 @@ mod tests {
             attempts: 0,
             lease_until: i64::MAX,
             updated_at: 0,
-            standing: crate::store::Standing::Active,
+            standing: crate::domain::delivery::Standing::Active,
             routes_seen: 0,
         }
     }

@@ -2,33 +2,30 @@
 //! publish commits events and deliveries (leased to this node) and hands them straight to the dispatcher;
 //! the scheduler reads the database only for retries that come due, expired leases and overflow.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{now_ms, SecretKey};
+use crate::domain::delivery::{AttemptRecord, DeliveryJob, Lease, NewEvent, Outcome, PublishOutcome, Standing};
+use crate::domain::now_ms;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::store::{AttemptRecord, DeliveryJob, DynStore, Lease, NewEvent, Outcome, PublishOutcome, Signals, Standing};
+use crate::store::{DynStore, Signals};
 
 pub mod attempt;
-pub mod events;
+mod keys;
 pub mod retention;
 mod routes;
+mod scheduler;
 
 use attempt::{Attempt, RetryPolicy};
+use keys::Keys;
 use routes::{Routes, Targets};
 
-/// How long the application's secret keys are cached before being read again.
-const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
-/// How long other attempts go on with an application's previous keys while one attempt reads them again;
-/// past it (that read failed or was abandoned) the next attempt reads them.
-const KEY_REFRESH_WAIT: Duration = Duration::from_secs(5);
 /// Attempts sent and not yet recorded, per request slot (`--max-in-flight`): bounds the duplicates a crash
 /// can cause while commits run beside the requests.
 const UNRECORDED_PER_SLOT: usize = 2;
@@ -49,7 +46,7 @@ pub struct Settings {
     pub lease: Duration,
     pub poll_interval: Duration,
     pub shutdown_grace: Duration,
-    pub client: crate::callback::DeliveryClient,
+    pub client: crate::outbound::DeliveryClient,
 }
 
 pub struct Engine {
@@ -64,29 +61,12 @@ pub struct Engine {
     /// When an operator last asked for deliveries to be attempted now (ms since the epoch).
     kicked_at: AtomicI64,
     wake: Notify,
-    keys: Mutex<HashMap<i64, CachedKeys>>,
-    /// Held while an application's keys are read for the first time, so its attempts wait for one read.
-    keys_loading: tokio::sync::Mutex<()>,
+    /// The applications' secret keys as last read.
+    keys: Keys,
     /// Where subscriptions stand now, for jobs read before a change.
     routes: Routes,
     /// Callback URLs as checked and parsed: a subscription's URL is checked once, not on every attempt.
     targets: Targets,
-}
-
-/// An application's secret keys as last read.
-struct CachedKeys {
-    read_at: Instant,
-    keys: Arc<Vec<SecretKey>>,
-    /// Since when one attempt has been reading them again.
-    refreshing: Option<Instant>,
-}
-
-/// What the cache holds for an application.
-enum Cached {
-    Usable(Arc<Vec<SecretKey>>),
-    /// Due to be read again, by the caller that was told so; usable meanwhile if that read fails.
-    Stale(Arc<Vec<SecretKey>>),
-    Missing,
 }
 
 impl Engine {
@@ -106,8 +86,7 @@ impl Engine {
             starved: AtomicBool::new(false),
             kicked_at: AtomicI64::new(i64::MIN),
             wake: Notify::new(),
-            keys: Mutex::new(HashMap::new()),
-            keys_loading: tokio::sync::Mutex::new(()),
+            keys: Keys::default(),
             routes: Routes::default(),
             targets,
         });
@@ -176,84 +155,6 @@ impl Engine {
         now_ms().saturating_sub(self.kicked_at.load(Ordering::Relaxed)) <= window
     }
 
-    /// Forgets the cached keys of an application (`None`: of every application) after its keys changed.
-    fn signing_keys_changed(&self, app_id: Option<i64>) {
-        let mut keys = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match app_id {
-            Some(app_id) => {
-                keys.remove(&app_id);
-            }
-            None => keys.clear(),
-        }
-    }
-
-    /// The application's newest secret key whose validFrom has passed; `None` when it has none. An error means
-    /// its keys could not be read and none are cached. Either way the callback does not go out unsigned.
-    ///
-    /// Keys are read again once a second (a key created on another node is used within about that). Then one
-    /// attempt reads them while the others go on with the keys it replaces, rather than every attempt in flight
-    /// reading them at once; if that read fails they go on with those keys, and an attempt tries again after
-    /// `KEY_REFRESH_WAIT`. An application seen for the first time (or whose keys changed on this node) has its
-    /// attempts wait for one read.
-    async fn app_key(&self, app_id: i64) -> Result<Option<String>> {
-        let keys = match self.cached_keys(app_id) {
-            Cached::Usable(keys) => keys,
-            Cached::Stale(keys) => self.read_keys(app_id).await.unwrap_or(keys),
-            Cached::Missing => {
-                let _one_read = self.keys_loading.lock().await;
-                match self.cached_keys(app_id) {
-                    // Read by the attempt this one waited for.
-                    Cached::Usable(keys) => keys,
-                    _ => self.read_keys(app_id).await?,
-                }
-            }
-        };
-        let now = now_ms();
-        Ok(keys
-            .iter()
-            .filter(|k| k.valid_from <= now)
-            .max_by_key(|k| (k.valid_from, k.id))
-            .map(|k| k.value.clone()))
-    }
-
-    /// The application's cached keys, as usable, due to be read again by this caller (now marked as being read),
-    /// or missing.
-    fn cached_keys(&self, app_id: i64) -> Cached {
-        let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match cache.get_mut(&app_id) {
-            None => Cached::Missing,
-            Some(c) if c.read_at.elapsed() < KEY_CACHE_TTL => Cached::Usable(c.keys.clone()),
-            Some(c) if c.refreshing.is_some_and(|since| since.elapsed() < KEY_REFRESH_WAIT) => {
-                Cached::Usable(c.keys.clone())
-            }
-            Some(c) => {
-                c.refreshing = Some(Instant::now());
-                Cached::Stale(c.keys.clone())
-            }
-        }
-    }
-
-    /// Reads the application's keys from the store into the cache.
-    async fn read_keys(&self, app_id: i64) -> Result<Arc<Vec<SecretKey>>> {
-        let fresh = match self.store.secret_keys(app_id).await {
-            Ok(keys) => Arc::new(keys),
-            Err(e) => {
-                tracing::warn!(app_id, error = %e, "reading the application's secret keys failed");
-                return Err(e);
-            }
-        };
-        let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.insert(
-            app_id,
-            CachedKeys {
-                read_at: Instant::now(),
-                keys: fresh.clone(),
-                refreshing: None,
-            },
-        );
-        Ok(fresh)
-    }
-
     /// Starts the dispatcher, the result recorder and the scheduler. The returned handle finishes once shutdown
     /// has drained in-flight attempts (within the grace period), recorded their results and released leases.
     pub fn start(
@@ -275,7 +176,7 @@ impl Engine {
             }),
             keys: Arc::new(move |app_id| {
                 if let Some(engine) = keys.upgrade() {
-                    engine.signing_keys_changed(app_id);
+                    engine.keys.changed(app_id);
                 }
             }),
         });
@@ -379,7 +280,7 @@ impl Engine {
         }
         let key = match webhook_secret {
             Some(k) => Ok(k.to_string()),
-            None => match self.app_key(job.app_id).await {
+            None => match self.keys.current(&self.store, job.app_id).await {
                 Ok(Some(k)) => Ok(k),
                 Ok(None) => Err(
                     "the application has no secret key valid now (POST /webhooks/secretkey creates \
@@ -474,103 +375,5 @@ impl Engine {
                 self.wake.notify_one();
             }
         }
-    }
-
-    /// Claims due deliveries from the database whenever there is room in memory.
-    async fn schedule(self: Arc<Self>, shutdown: CancellationToken) {
-        loop {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            let room = self.buffer().saturating_sub(self.held.load(Ordering::Relaxed));
-            let mut wait = self.settings.poll_interval;
-            // Claim in batches: with little room, wait for results to free more.
-            if room < self.buffer() / 8 {
-                self.starved.store(true, Ordering::Relaxed);
-            } else {
-                let limit = room.min(CLAIM_BATCH);
-                let claimed_at = now_ms();
-                let routes_seen = self.routes.version();
-                match self.store.claim_due(claimed_at, &self.lease(), limit as i64).await {
-                    Ok(jobs) => {
-                        let full = jobs.len() == limit;
-                        for mut job in jobs {
-                            job.routes_seen = routes_seen;
-                            self.enqueue(job);
-                        }
-                        if full {
-                            continue;
-                        }
-                        self.starved.store(false, Ordering::Relaxed);
-                        match self.store.next_due(now_ms()).await {
-                            Ok(next) => match after_claim(claimed_at, next, now_ms()) {
-                                AfterClaim::ClaimAgain => continue,
-                                AfterClaim::WaitMs(ms) => wait = wait.min(Duration::from_millis(ms)),
-                                // The next recorded result wakes the scheduler.
-                                AfterClaim::Starved => self.starved.store(true, Ordering::Relaxed),
-                                AfterClaim::Poll => {}
-                            },
-                            Err(e) => {
-                                tracing::warn!(error = %e, "reading the next due delivery failed")
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "claiming due deliveries failed; will try again")
-                    }
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-    }
-}
-
-/// What the scheduler does after a claim that left room, given the earliest due time of a delivery no node
-/// holds (`next`, read after the claim).
-#[derive(Debug, PartialEq, Eq)]
-enum AfterClaim {
-    /// A delivery fell due between the claim and now (a retry due within milliseconds): claim it now, rather
-    /// than take it for one the claim could not have and wait for a wake-up that may never come.
-    ClaimAgain,
-    /// The next delivery falls due this many milliseconds from now.
-    WaitMs(u64),
-    /// Due when the claim ran, yet not claimed: held in memory here (or locked by another node). The next
-    /// recorded result wakes the scheduler.
-    Starved,
-    /// Nothing waits: sleep until woken or the poll interval.
-    Poll,
-}
-
-fn after_claim(claimed_at: i64, next: Option<i64>, now: i64) -> AfterClaim {
-    match next {
-        None => AfterClaim::Poll,
-        Some(at) if at <= claimed_at => AfterClaim::Starved,
-        Some(at) if at <= now => AfterClaim::ClaimAgain,
-        Some(at) => AfterClaim::WaitMs((at - now) as u64),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_delivery_due_since_the_claim_is_claimed_at_once() {
-        // Due 2 ms after the claim read the clock, read back 5 ms after: the claim could not have taken it.
-        assert_eq!(after_claim(1_000, Some(1_002), 1_005), AfterClaim::ClaimAgain);
-        assert_eq!(after_claim(1_000, Some(1_005), 1_005), AfterClaim::ClaimAgain);
-    }
-
-    #[test]
-    fn after_a_claim_the_scheduler_waits_for_what_is_due_later_or_for_a_result() {
-        assert_eq!(after_claim(1_000, Some(1_020), 1_005), AfterClaim::WaitMs(15));
-        // Due when the claim ran and not taken by it: another holds it, and its result will wake the scheduler.
-        assert_eq!(after_claim(1_000, Some(1_000), 1_005), AfterClaim::Starved);
-        assert_eq!(after_claim(1_000, Some(900), 1_005), AfterClaim::Starved);
-        assert_eq!(after_claim(1_000, None, 1_005), AfterClaim::Poll);
     }
 }

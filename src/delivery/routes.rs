@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use http::Uri;
 
-use crate::callback::{check_url, Policy};
+use crate::domain::delivery::{DeliveryJob, Route};
 use crate::error::Result;
-use crate::store::{DeliveryJob, DynStore, Route};
+use crate::outbound::{check_url, Policy};
+use crate::store::DynStore;
 
 /// Most routes or parsed URLs kept; past it the cache starts over.
 const CACHE_LIMIT: usize = 10_000;

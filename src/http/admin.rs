@@ -10,10 +10,11 @@ use utoipa_axum::routes;
 
 use super::extract::{Admin, QueryMap, RawJson};
 use super::AppState;
-use crate::delivery::events::parse_batch;
+use crate::domain::delivery::{RetryTarget, Standing, DELIVERY_STATES};
+use crate::domain::event::parse_batch;
 use crate::domain::parse_time;
 use crate::error::{Error, ErrorBody, Result};
-use crate::store::{AttemptRow, DeliveryFilter, DeliveryRow, RetryTarget, Standing, DELIVERY_STATES};
+use crate::store::{AttemptRow, DeliveryFilter, DeliveryRow};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -64,10 +65,83 @@ async fn publish_events(
     Ok((StatusCode::ACCEPTED, Json(Published { events })))
 }
 
+/// A delivery: where it goes and how far it got. Times are milliseconds since the Unix epoch.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    id: i64,
+    event_key: String,
+    event_name: String,
+    webhook_key: String,
+    subscription_key: String,
+    url: String,
+    /// pending, delivered, failed, paused or cancelled.
+    state: String,
+    attempts: i64,
+    next_attempt_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_status: Option<i64>,
+    /// The last attempt's error, or why the delivery is paused or cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl From<DeliveryRow> for Delivery {
+    fn from(d: DeliveryRow) -> Self {
+        Self {
+            id: d.id,
+            event_key: d.event_key,
+            event_name: d.event_name,
+            webhook_key: d.webhook_key,
+            subscription_key: d.subscription_key,
+            url: d.url,
+            state: d.state,
+            attempts: d.attempts,
+            next_attempt_at: d.next_attempt_at,
+            last_status: d.last_status,
+            last_error: d.last_error,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+        }
+    }
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    number: i64,
+    node: String,
+    started_at: i64,
+    duration_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_excerpt: Option<String>,
+}
+
+impl From<AttemptRow> for Attempt {
+    fn from(a: AttemptRow) -> Self {
+        Self {
+            number: a.number,
+            node: a.node,
+            started_at: a.started_at,
+            duration_ms: a.duration_ms,
+            status_code: a.status_code,
+            error: a.error,
+            response_excerpt: a.response_excerpt,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryPage {
-    deliveries: Vec<DeliveryRow>,
+    deliveries: Vec<Delivery>,
     /// Pass as `cursor` to get the next (older) page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     next_cursor: Option<String>,
@@ -129,7 +203,7 @@ async fn list_deliveries(State(state): State<AppState>, _: Admin, q: QueryMap) -
         .then(|| deliveries.last().map(|d| d.id.to_string()))
         .flatten();
     Ok(Json(DeliveryPage {
-        deliveries,
+        deliveries: deliveries.into_iter().map(Delivery::from).collect(),
         next_cursor,
     }))
 }
@@ -138,8 +212,8 @@ async fn list_deliveries(State(state): State<AppState>, _: Admin, q: QueryMap) -
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryDetail {
     #[serde(flatten)]
-    delivery: DeliveryRow,
-    attempt_log: Vec<AttemptRow>,
+    delivery: Delivery,
+    attempt_log: Vec<Attempt>,
 }
 
 /// One delivery with every attempt.
@@ -152,7 +226,10 @@ async fn get_delivery(State(state): State<AppState>, _: Admin, Path(id): Path<St
         Err(_) => None,
     };
     let (delivery, attempt_log) = found.ok_or_else(|| Error::not_found(format!("delivery {id} not found")))?;
-    Ok(Json(DeliveryDetail { delivery, attempt_log }))
+    Ok(Json(DeliveryDetail {
+        delivery: delivery.into(),
+        attempt_log: attempt_log.into_iter().map(Attempt::from).collect(),
+    }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -6,8 +6,6 @@ use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::AppState;
 use crate::domain::Tenant;
@@ -115,11 +113,6 @@ pub fn kind(v: &Value) -> &'static str {
     }
 }
 
-pub fn hash_token(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
@@ -137,7 +130,7 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let token = bearer(parts).ok_or_else(|| Error::Forbidden("a bearer token is required".into()))?;
-        let hash = hash_token(token);
+        let hash = crate::domain::token::hash(token);
         let tenant = state
             .store
             .find_token(&hash)
@@ -163,9 +156,7 @@ impl FromRequestParts<AppState> for Admin {
             ));
         };
         let token = bearer(parts).ok_or_else(|| Error::Forbidden("the admin token is required".into()))?;
-        // Compare digests so that neither content nor length leaks through timing.
-        let given = Sha256::digest(token.as_bytes());
-        if bool::from(given.as_slice().ct_eq(expected.as_slice())) {
+        if crate::domain::token::matches(token, expected) {
             Ok(Admin)
         } else {
             Err(Error::Forbidden("invalid admin token".into()))

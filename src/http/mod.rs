@@ -12,10 +12,10 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::callback::{self, Policy};
 use crate::delivery::Engine;
 use crate::domain::now_ms;
 use crate::error::{Error, Result};
+use crate::outbound::{self, Policy};
 use crate::store::DynStore;
 
 pub mod admin;
@@ -116,7 +116,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 pub async fn validate_callbacks<'a>(state: &AppState, urls: impl Iterator<Item = &'a str>) -> Result<()> {
     let distinct: BTreeSet<&str> = urls.collect();
     for url in distinct {
-        callback::validate(&state.check_client, url, state.policy).await?;
+        outbound::validate(&state.check_client, url, state.policy).await?;
     }
     Ok(())
 }

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use serde::Serialize;
 
+use crate::domain::delivery::{
+    AttemptRecord, Cancel, DeliveryJob, Lease, NewEvent, Outcome, PublishOutcome, QueueStats, RetryTarget, Route,
+    Standing,
+};
 use crate::domain::{
     EventName, NewSubscription, NewWebhook, SecretKey, Subscription, SubscriptionChange, Tenant, Webhook, WebhookChange,
 };
@@ -16,162 +18,6 @@ use crate::metrics::Histogram;
 mod common;
 pub mod postgres;
 pub mod sqlite;
-
-/// An event accepted for publishing: its key, owner and the exact bytes subscribers receive.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub event_key: String,
-    pub organizer_key: i64,
-    pub event_name: EventName,
-    pub body: Bytes,
-}
-
-/// What publishing one event did.
-#[derive(Debug, Clone)]
-pub struct PublishOutcome {
-    pub event_key: String,
-    pub deliveries: i64,
-    /// True when the eventKey was already published: nothing new was created.
-    pub duplicate: bool,
-    /// Deliveries created and leased to this node, ready to attempt.
-    pub jobs: Vec<DeliveryJob>,
-}
-
-/// A lease on deliveries: who holds them and until when.
-#[derive(Debug, Clone)]
-pub struct Lease {
-    pub owner: String,
-    pub until: i64,
-}
-
-/// Everything the dispatcher needs to attempt one delivery.
-#[derive(Debug, Clone)]
-pub struct DeliveryJob {
-    pub id: i64,
-    pub event_key: String,
-    pub app_id: i64,
-    pub webhook_key: String,
-    pub subscription_key: String,
-    /// The callback URL as the subscription and webhook said when the job was read.
-    pub url: String,
-    pub body: Bytes,
-    /// The webhook's own secret key, which takes precedence over the application's.
-    pub webhook_secret: Option<String>,
-    /// Attempts made before this one.
-    pub attempts: i64,
-    /// This node's lease on the delivery ends then (ms); an attempt that could outlive it is not started.
-    pub lease_until: i64,
-    /// The delivery's `updated_at` when this job was read from it (or created with it). An operator's retry or
-    /// redeliver always moves it, so an attempt's result settles the delivery only if it is unchanged.
-    pub updated_at: i64,
-    /// Where its subscription and webhook stood when the job was read.
-    pub standing: Standing,
-    /// The engine's count of subscription and webhook changes when the job was read (see `Engine::current`):
-    /// a job read before a change is checked again before it is sent.
-    pub routes_seen: u64,
-}
-
-/// Where a delivery's subscription and webhook stand: only an ACTIVE subscription of an ACTIVE webhook is sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Standing {
-    Active,
-    /// The subscription or its webhook is INACTIVE: the delivery waits, paused, until both are ACTIVE again.
-    Inactive,
-    /// The subscription or its webhook was deleted: the delivery is cancelled.
-    Gone(Cancel),
-}
-
-impl Standing {
-    /// From the states a LEFT JOIN of the webhook and the subscription found (`None`: no such row).
-    pub fn of(webhook_state: Option<&str>, subscription_state: Option<&str>) -> Self {
-        match (webhook_state, subscription_state) {
-            (None, _) => Standing::Gone(Cancel::WebhookDeleted),
-            (_, None) => Standing::Gone(Cancel::SubscriptionDeleted),
-            (Some("ACTIVE"), Some("ACTIVE")) => Standing::Active,
-            _ => Standing::Inactive,
-        }
-    }
-}
-
-/// Why a delivery was cancelled: a final state of its own, never attempted again, never counted as a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cancel {
-    SubscriptionDeleted,
-    WebhookDeleted,
-}
-
-impl Cancel {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Cancel::SubscriptionDeleted => "subscription deleted",
-            Cancel::WebhookDeleted => "webhook deleted",
-        }
-    }
-}
-
-/// A subscription's route as it stands now: where its deliveries go and what signs them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub standing: Standing,
-    pub url: Option<String>,
-    pub webhook_secret: Option<String>,
-}
-
-/// How an attempt ended and what happens next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered,
-    RetryAt(i64),
-    Failed,
-    /// 410 Gone: the delivery fails and the subscription is deactivated.
-    Gone,
-    /// Not attempted: the subscription or its webhook is INACTIVE. The delivery waits until both are ACTIVE.
-    Paused,
-    /// Not attempted: the subscription or its webhook was deleted.
-    Cancelled(Cancel),
-}
-
-impl Outcome {
-    /// False for a delivery that was not sent (paused or cancelled): no attempt is logged or counted.
-    pub fn attempted(self) -> bool {
-        !matches!(self, Outcome::Paused | Outcome::Cancelled(_))
-    }
-
-    /// The delivery's state after this outcome and when it is due next (`now` where nothing is due).
-    pub fn settles_as(self, now: i64) -> (&'static str, i64) {
-        match self {
-            Outcome::Delivered => ("delivered", now),
-            Outcome::RetryAt(at) => ("pending", at),
-            Outcome::Failed | Outcome::Gone => ("failed", now),
-            Outcome::Paused => ("paused", now),
-            Outcome::Cancelled(_) => ("cancelled", now),
-        }
-    }
-
-    /// Starts (or keeps running) the subscription's failure clock, which deactivates it after `--disable-after`.
-    pub fn is_failure(self) -> bool {
-        matches!(self, Outcome::RetryAt(_) | Outcome::Failed)
-    }
-}
-
-/// The states of a delivery, as stored and listed.
-pub const DELIVERY_STATES: [&str; 5] = ["pending", "delivered", "failed", "paused", "cancelled"];
-
-#[derive(Debug, Clone)]
-pub struct AttemptRecord {
-    pub delivery_id: i64,
-    pub subscription_key: String,
-    pub number: i64,
-    pub node: String,
-    pub started_at: i64,
-    /// The job's `updated_at`: the delivery as this attempt found it.
-    pub job_updated_at: i64,
-    pub duration_ms: i64,
-    pub status_code: Option<i64>,
-    pub error: Option<String>,
-    pub response_excerpt: Option<String>,
-    pub outcome: Outcome,
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryFilter {
@@ -187,8 +33,8 @@ pub struct DeliveryFilter {
     pub limit: i64,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+/// A delivery as stored (the admin API shows it as `http::admin::Delivery`).
+#[derive(Debug, Clone)]
 pub struct DeliveryRow {
     pub id: i64,
     pub event_key: String,
@@ -199,26 +45,21 @@ pub struct DeliveryRow {
     pub state: String,
     pub attempts: i64,
     pub next_attempt_at: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_status: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
+/// An attempt as stored.
+#[derive(Debug, Clone)]
 pub struct AttemptRow {
     pub number: i64,
     pub node: String,
     pub started_at: i64,
     pub duration_ms: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub status_code: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub response_excerpt: Option<String>,
 }
 
@@ -228,12 +69,6 @@ pub struct Pruned {
     pub deliveries: u64,
     pub attempts: u64,
     pub events: u64,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueueStats {
-    pub waiting: i64,
-    pub oldest_waiting_created_at: Option<i64>,
 }
 
 #[async_trait]
@@ -338,30 +173,22 @@ impl SignalSlot {
     }
 
     pub(crate) fn work(&self) {
-        if let Some(s) = self.0.get() {
-            (s.work)();
-        }
+        self.tell(|s| (s.work)());
     }
 
     pub(crate) fn routes(&self) {
-        if let Some(s) = self.0.get() {
-            (s.routes)();
-        }
+        self.tell(|s| (s.routes)());
     }
 
     pub(crate) fn keys(&self, app_id: Option<i64>) {
+        self.tell(|s| (s.keys)(app_id));
+    }
+
+    fn tell(&self, signal: impl FnOnce(&Signals)) {
         if let Some(s) = self.0.get() {
-            (s.keys)(app_id);
+            signal(s);
         }
     }
-}
-
-/// Which deliveries an operator asks to attempt again.
-#[derive(Debug, Clone, Copy)]
-pub enum RetryTarget<'a> {
-    Delivery(i64),
-    Event(&'a str),
-    FailedOfSubscription(&'a str),
 }
 
 pub type DynStore = Arc<dyn Store>;
@@ -378,13 +205,13 @@ async fn ask<Op, T>(
 }
 
 /// Opens the store the URL names, creating and migrating it.
-pub async fn connect(url: &str, pool_size: u32, synchronous: &str) -> Result<DynStore> {
+pub async fn connect(url: &str, pool_size: u32, durability: crate::config::Durability) -> Result<DynStore> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(url, pool_size, synchronous).await?))
+        Ok(Arc::new(sqlite::SqliteStore::open(url, pool_size, durability).await?))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(Arc::new(postgres::PgStore::open(url, pool_size).await?))
     } else {
-        Err(Error::bad_request(format!(
+        Err(Error::Config(format!(
             "unsupported database URL `{}`: use sqlite://FILE or postgres://...",
             url.split(':').next().unwrap_or_default()
         )))

@@ -139,7 +139,9 @@ async fn a_node_killed_mid_run_loses_nothing() {
         })
         .await;
     }
-    let store = g2w_webhooks::store::connect(&db, 2, "full").await.unwrap();
+    let store = g2w_webhooks::store::connect(&db, 2, g2w_webhooks::config::Durability::Full)
+        .await
+        .unwrap();
     let token = g2w_webhooks::issue_token(&store, "cluster", 1001).await.unwrap();
     let api = format!("http://127.0.0.1:{}/G2W/rest/v2", ports[0]);
     crate::support::subscribe_over_http(&http, &api, &token, "webinar.created", &rx.url).await;
@@ -304,7 +306,9 @@ async fn one_node_at_a_time_prunes() {
     })
     .await;
 
-    let store = g2w_webhooks::store::connect(&url, 2, "full").await.unwrap();
+    let store = g2w_webhooks::store::connect(&url, 2, g2w_webhooks::config::Durability::Full)
+        .await
+        .unwrap();
     let later = g2w_webhooks::domain::now_ms() + 1000;
     let other = sqlx::PgPool::connect(&url).await.unwrap();
     let mut held = other.begin().await.unwrap();

@@ -142,8 +142,7 @@ async fn only_active_webhook_and_active_subscription_receive(b: Backend) {
     let out = app.publish(webinar(1)).await;
     assert_eq!(out["events"][0]["deliveries"], 1);
     let got = rx.wait_for(1, SECS).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rx.count(), 1);
+    rx.stays_at(1, Duration::from_millis(200)).await;
     assert_eq!(got[0].path_and_query, "/hook/ACTIVE-ACTIVE");
 }
 
@@ -227,8 +226,7 @@ async fn publishing_is_idempotent_on_event_key(b: Backend) {
     assert_eq!(again["events"][0]["deliveries"], 1);
     assert_eq!(again["events"][0]["duplicate"], true);
     rx.wait_for(1, SECS).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rx.count(), 1);
+    rx.stays_at(1, Duration::from_millis(200)).await;
     assert_eq!(app.deliveries("").await.len(), 1);
 }
 
@@ -244,10 +242,7 @@ async fn failures_are_retried_and_every_attempt_logged(b: Backend) {
         "the same bytes on every attempt"
     );
     let id = app.deliveries("").await[0]["id"].as_i64().unwrap();
-    crate::support::eventually("delivered", SECS, || async {
-        app.delivery(id).await["state"] == "delivered"
-    })
-    .await;
+    app.wait_state(id, "delivered").await;
     let d = app.delivery(id).await;
     let log = d["attemptLog"].as_array().unwrap();
     let codes: Vec<i64> = log.iter().map(|a| a["statusCode"].as_i64().unwrap()).collect();
@@ -264,10 +259,7 @@ async fn a_slow_receiver_times_out_and_is_retried(b: Backend) {
     app.publish(webinar(1)).await;
     rx.wait_for(2, SECS).await;
     let id = app.deliveries("").await[0]["id"].as_i64().unwrap();
-    crate::support::eventually("delivered", SECS, || async {
-        app.delivery(id).await["state"] == "delivered"
-    })
-    .await;
+    app.wait_state(id, "delivered").await;
     let d = app.delivery(id).await;
     assert_eq!(d["attemptLog"][0]["error"], "timed out");
 }
@@ -300,21 +292,11 @@ async fn gone_deactivates_the_subscription(b: Backend) {
     app.publish(webinar(1)).await;
     rx.wait_for(1, SECS).await;
     crate::support::eventually("deactivated", SECS, || async {
-        let v: Value = app
-            .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let v: Value = app.get_json(&format!("/userSubscriptions/{sk}")).await;
         v["userSubscriptionState"] == "INACTIVE"
     })
     .await;
-    let v: Value = app
-        .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.get_json(&format!("/userSubscriptions/{sk}")).await;
     assert!(v["inactiveReason"].as_str().unwrap().contains("410"));
     assert_eq!(app.deliveries("").await[0]["state"], "failed");
     assert_eq!(rx.count(), 1, "410 is not retried");
@@ -356,11 +338,8 @@ async fn exhausted_deliveries_fail_and_are_repaired(b: Backend) {
     rx.respond(|_| (500, vec![], Duration::ZERO));
     let (_, sk) = app.subscribe("webinar.created", &rx.url).await;
     app.publish(webinar(1)).await;
-    let id = {
-        crate::support::eventually("one delivery", SECS, || async { !app.deliveries("").await.is_empty() }).await;
-        app.deliveries("").await[0]["id"].as_i64().unwrap()
-    };
-    crate::support::eventually("failed", SECS, || async { app.delivery(id).await["state"] == "failed" }).await;
+    let id = app.newest_delivery_id().await;
+    app.wait_state(id, "failed").await;
     assert_eq!(app.delivery(id).await["attempts"], 4, "one attempt and three retries");
 
     // Repair: the receiver recovers, the operator retries the subscription's failed deliveries.
@@ -370,10 +349,7 @@ async fn exhausted_deliveries_fail_and_are_repaired(b: Backend) {
         .await;
     assert_eq!(res.status(), 202);
     assert_eq!(res.json::<Value>().await.unwrap()["retried"], 1);
-    crate::support::eventually("delivered", SECS, || async {
-        app.delivery(id).await["state"] == "delivered"
-    })
-    .await;
+    app.wait_state(id, "delivered").await;
 
     // Redeliver the event, and retry one delivery: both send it again.
     let before = rx.count();
@@ -410,22 +386,15 @@ async fn a_failing_subscription_is_disabled_and_its_deliveries_wait_for_it(b: Ba
     rx.respond(|_| (500, vec![], Duration::ZERO));
     let (_, sk) = app.subscribe("webinar.created", &rx.url).await;
     app.publish(webinar(1)).await;
-    crate::support::eventually("one delivery", SECS, || async { !app.deliveries("").await.is_empty() }).await;
-    let id = app.deliveries("").await[0]["id"].as_i64().unwrap();
-    crate::support::eventually("paused", SECS, || async { app.delivery(id).await["state"] == "paused" }).await;
-    let v: Value = app
-        .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let id = app.newest_delivery_id().await;
+    app.wait_state(id, "paused").await;
+    let v = app.subscription(&sk).await;
     assert_eq!(v["userSubscriptionState"], "INACTIVE");
     assert!(v["inactiveReason"].as_str().unwrap().contains("failed"));
     let sent = rx.count();
     assert!(sent < 4, "deactivated before its retries ran out: {sent}");
     // At least two retries' worth of quiet: nothing more is sent while it is inactive.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(rx.count(), sent, "nothing is sent to an inactive subscription");
+    rx.stays_at(sent, Duration::from_millis(500)).await;
     let d = app.delivery(id).await;
     assert_eq!(
         d["attempts"].as_i64().unwrap() as usize,
@@ -447,10 +416,7 @@ async fn a_failing_subscription_is_disabled_and_its_deliveries_wait_for_it(b: Ba
         )
         .await;
     assert_eq!(res.status(), 204);
-    crate::support::eventually("delivered", SECS, || async {
-        app.delivery(id).await["state"] == "delivered"
-    })
-    .await;
+    app.wait_state(id, "delivered").await;
     assert_eq!(rx.count(), sent + 1);
 }
 

@@ -46,11 +46,6 @@ async fn failing_delivery(app: &TestApp, rx: &Receiver, n: i64) -> i64 {
     found[0]["id"].as_i64().unwrap()
 }
 
-async fn wait_state(app: &TestApp, id: i64, state: &str) -> Value {
-    crate::support::eventually(state, SECS, || async { app.delivery(id).await["state"] == state }).await;
-    app.delivery(id).await
-}
-
 async fn a_deleted_subscription_gets_nothing_more(b: Backend) {
     let app = app_retrying(b).await;
     let rx = Receiver::start().await;
@@ -61,7 +56,7 @@ async fn a_deleted_subscription_gets_nothing_more(b: Backend) {
         .call(Method::DELETE, &format!("/userSubscriptions/{sk}"), None)
         .await;
     assert_eq!(res.status(), 204);
-    let d = wait_state(&app, id, "cancelled").await;
+    let d = app.wait_state(id, "cancelled").await;
     assert_eq!(d["lastError"], "subscription deleted");
     let sent = rx.count();
     rx.stays_at(sent, QUIET).await;
@@ -99,7 +94,7 @@ async fn a_deleted_webhook_gets_nothing_more(b: Backend) {
     let id = failing_delivery(&app, &rx, 1).await;
     let res = app.call(Method::DELETE, "/webhooks", Some(json!([wk]))).await;
     assert_eq!(res.status(), 202);
-    let d = wait_state(&app, id, "cancelled").await;
+    let d = app.wait_state(id, "cancelled").await;
     assert_eq!(d["lastError"], "webhook deleted");
     let sent = rx.count();
     rx.stays_at(sent, QUIET).await;
@@ -121,7 +116,7 @@ async fn an_inactive_subscription_pauses_its_deliveries_until_it_is_active(b: Ba
         )
         .await;
     assert_eq!(res.status(), 204);
-    wait_state(&app, id, "paused").await;
+    app.wait_state(id, "paused").await;
     let sent = rx.count();
     rx.stays_at(sent, QUIET).await;
     // Waiting, not lost: activated again, it is sent (and the receiver has recovered).
@@ -130,16 +125,10 @@ async fn an_inactive_subscription_pauses_its_deliveries_until_it_is_active(b: Ba
         .call(Method::PUT, &format!("/userSubscriptions/{sk}"), Some(state("ACTIVE")))
         .await;
     assert_eq!(res.status(), 204);
-    wait_state(&app, id, "delivered").await;
+    app.wait_state(id, "delivered").await;
     assert_eq!(rx.count(), sent + 1);
     // The failures before the pause did not deactivate it meanwhile.
-    let v: Value = app
-        .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(v["userSubscriptionState"], "ACTIVE");
+    assert_eq!(app.subscription(&sk).await["userSubscriptionState"], "ACTIVE");
 }
 
 async fn an_inactive_webhook_pauses_its_deliveries_until_it_is_active(b: Backend) {
@@ -155,7 +144,7 @@ async fn an_inactive_webhook_pauses_its_deliveries_until_it_is_active(b: Backend
             .status(),
         204
     );
-    wait_state(&app, id, "paused").await;
+    app.wait_state(id, "paused").await;
     let sent = rx.count();
     rx.stays_at(sent, QUIET).await;
     // A paused delivery does not hold up others: a second subscription's events go out meanwhile.
@@ -169,7 +158,7 @@ async fn an_inactive_webhook_pauses_its_deliveries_until_it_is_active(b: Backend
         app.call(Method::PUT, "/webhooks", Some(state("ACTIVE"))).await.status(),
         204
     );
-    wait_state(&app, id, "delivered").await;
+    app.wait_state(id, "delivered").await;
     assert_eq!(rx.count(), sent + 1);
 }
 
@@ -186,7 +175,7 @@ async fn retries_go_to_a_changed_callback_url(b: Backend) {
     // The webhook's URL changes: the retries go to the new one.
     let change = json!([{"webhookKey": wk, "callbackUrl": new.url}]);
     assert_eq!(app.call(Method::PUT, "/webhooks", Some(change)).await.status(), 204);
-    let d = wait_state(&app, id, "delivered").await;
+    let d = app.wait_state(id, "delivered").await;
     assert_eq!(d["url"], new.url.as_str());
     assert_eq!(new.count(), 1);
     let sent = old.count();
@@ -200,7 +189,7 @@ async fn retries_go_to_a_changed_callback_url(b: Backend) {
         .call(Method::PUT, &format!("/userSubscriptions/{sk}"), Some(change))
         .await;
     assert_eq!(res.status(), 204);
-    wait_state(&app, id, "delivered").await;
+    app.wait_state(id, "delivered").await;
     assert_eq!(newest.count(), 1);
     let sent = new.count();
     new.stays_at(sent, QUIET).await;
@@ -229,7 +218,7 @@ async fn retries_are_signed_with_the_key_valid_at_the_attempt(b: Backend) {
     // The attempt that succeeds comes after the rotation: it carries the new key.
     let rotated_at = rx.count();
     rx.respond(move |n| (if n > rotated_at { 200 } else { 500 }, vec![], Duration::ZERO));
-    wait_state(&app, id, "delivered").await;
+    app.wait_state(id, "delivered").await;
     let got = rx.received();
     assert!(
         signed_with(got.last().unwrap(), &second),

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::support::{eventually, signed_with, Backend, Receiver, TestApp};
@@ -35,21 +34,11 @@ async fn listen_subscribes_verifies_forwards_byte_for_byte_and_tidies_up() {
         .spawn()
         .unwrap();
     let hooks = || async {
-        let v: Value = app
-            .call(Method::GET, "/webhooks?product=g2w", None)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let v: Value = app.get_json("/webhooks?product=g2w").await;
         v["_embedded"]["webhooks"].as_array().map_or(0, Vec::len)
     };
     let active = || async {
-        let v: Value = app
-            .call(Method::GET, "/userSubscriptions", None)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let v: Value = app.get_json("/userSubscriptions").await;
         v.as_array()
             .map_or(0, |a| a.iter().filter(|s| s["activationState"] == "ACTIVE").count())
     };

@@ -64,12 +64,7 @@ async fn contract_forms_of_every_operation(b: Backend) {
     assert_eq!(res.status(), 204);
     assert!(res.headers().get("content-type").is_none());
     assert!(res.bytes().await.unwrap().is_empty());
-    let hook: Value = app
-        .call(Method::GET, &format!("/webhooks/{wk}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let hook: Value = app.get_json(&format!("/webhooks/{wk}")).await;
     assert_eq!(hook["webhookState"], "ACTIVE");
 
     // createUserSubscription: 201, ACTIVE by default.
@@ -96,12 +91,7 @@ async fn contract_forms_of_every_operation(b: Backend) {
     // getUserSubscription, listUserSubscriptions (plain array)
     let res = app.call(Method::GET, &format!("/userSubscriptions/{sk}"), None).await;
     assert_eq!(res.status(), 200);
-    let list: Value = app
-        .call(Method::GET, "/userSubscriptions", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/userSubscriptions").await;
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["subscriptionKey"], sk.as_str());
 
@@ -114,12 +104,7 @@ async fn contract_forms_of_every_operation(b: Backend) {
         )
         .await;
     assert_eq!(res.status(), 204);
-    let sub: Value = app
-        .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let sub: Value = app.get_json(&format!("/userSubscriptions/{sk}")).await;
     assert_eq!(sub["userSubscriptionState"], "INACTIVE");
     assert_eq!(sub["activationState"], "INACTIVE");
     app.call(
@@ -134,12 +119,7 @@ async fn contract_forms_of_every_operation(b: Backend) {
         Some(json!([{"webhookKey": wk, "webhookState": "INACTIVE"}])),
     )
     .await;
-    let sub: Value = app
-        .call(Method::GET, &format!("/userSubscriptions/{sk}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let sub: Value = app.get_json(&format!("/userSubscriptions/{sk}")).await;
     assert_eq!(sub["userSubscriptionState"], "ACTIVE");
     assert_eq!(
         sub["activationState"], "INACTIVE",
@@ -165,19 +145,9 @@ async fn real_goto_forms(b: Backend) {
     let rx = Receiver::start().await;
 
     // Empty lists still carry _embedded.
-    let v: Value = app
-        .call(Method::GET, "/webhooks?product=g2w", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.get_json("/webhooks?product=g2w").await;
     assert_eq!(v, json!({"_embedded": {"webhooks": []}}));
-    let v: Value = app
-        .call(Method::GET, "/userSubscriptions?product=g2w", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.get_json("/userSubscriptions?product=g2w").await;
     assert_eq!(v, json!({"_embedded": {"userSubscriptions": []}}));
 
     // POST /webhooks with an array: 200 _embedded.
@@ -215,22 +185,12 @@ async fn real_goto_forms(b: Backend) {
         )
         .await;
     assert_eq!(res.status(), 204);
-    let h: Value = app
-        .call(Method::GET, &format!("/webhooks/{k1}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let h: Value = app.get_json(&format!("/webhooks/{k1}")).await;
     assert_eq!(h["state"], "ACTIVE");
     assert_eq!(h["callbackUrl"], new_url.as_str());
 
     // GET /webhooks?product=g2w lists them.
-    let v: Value = app
-        .call(Method::GET, "/webhooks?product=g2w&page=0&size=200", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.get_json("/webhooks?product=g2w&page=0&size=200").await;
     assert_eq!(v["_embedded"]["webhooks"].as_array().unwrap().len(), 2);
 
     // POST /userSubscriptions with an array and no callbackUrl: the webhook's URL is used.
@@ -252,12 +212,7 @@ async fn real_goto_forms(b: Backend) {
     let s2 = subs[1]["userSubscriptionKey"].as_str().unwrap().to_string();
 
     // GET /userSubscriptions?product=g2w answers _embedded.
-    let v: Value = app
-        .call(Method::GET, "/userSubscriptions?product=g2w", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.get_json("/userSubscriptions?product=g2w").await;
     assert_eq!(v["_embedded"]["userSubscriptions"].as_array().unwrap().len(), 2);
 
     // PUT /userSubscriptions with an array: 204.
@@ -269,12 +224,7 @@ async fn real_goto_forms(b: Backend) {
         )
         .await;
     assert_eq!(res.status(), 204);
-    let v: Value = app
-        .call(Method::GET, &format!("/userSubscriptions/{s2}"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = app.get_json(&format!("/userSubscriptions/{s2}")).await;
     assert_eq!(v["userSubscriptionState"], "INACTIVE");
 
     // DELETE /userSubscriptions with an array: 202, no body.

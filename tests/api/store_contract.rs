@@ -1,10 +1,9 @@
 //! The storage trait's contract, run against both backends: every `Store` must behave the same.
 
 use bytes::Bytes;
+use g2w_webhooks::domain::delivery::{AttemptRecord, Lease, NewEvent, Outcome, RetryTarget, Standing};
 use g2w_webhooks::domain::{EventName, NewSubscription, NewWebhook, State, SubscriptionChange, Tenant, WebhookChange};
-use g2w_webhooks::store::{
-    self, AttemptRecord, DeliveryFilter, DynStore, Lease, NewEvent, Outcome, Pruned, RetryTarget, Standing,
-};
+use g2w_webhooks::store::{self, DeliveryFilter, DynStore, Pruned};
 
 use crate::support::Backend;
 
@@ -29,7 +28,12 @@ crate::on_both!(
 async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = b.fresh_url(dir.path()).await;
-    (store::connect(&url, 4, "normal").await.unwrap(), dir)
+    (
+        store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
+            .await
+            .unwrap(),
+        dir,
+    )
 }
 
 /// An application with an ACTIVE webhook for `event` and an ACTIVE subscription of `organizer`.
@@ -87,7 +91,7 @@ fn event(key: &str, organizer: i64) -> NewEvent {
 }
 
 /// A first attempt of `job`, started now, that ended with `outcome`.
-fn first_attempt(job: &store::DeliveryJob, outcome: Outcome) -> AttemptRecord {
+fn first_attempt(job: &g2w_webhooks::domain::delivery::DeliveryJob, outcome: Outcome) -> AttemptRecord {
     AttemptRecord {
         delivery_id: job.id,
         subscription_key: job.subscription_key.clone(),
@@ -104,7 +108,7 @@ fn first_attempt(job: &store::DeliveryJob, outcome: Outcome) -> AttemptRecord {
 }
 
 /// Publishes `events` leased to node "n" and returns the deliveries created, in order.
-async fn publish_leased(s: &DynStore, events: Vec<NewEvent>) -> Vec<store::DeliveryJob> {
+async fn publish_leased(s: &DynStore, events: Vec<NewEvent>) -> Vec<g2w_webhooks::domain::delivery::DeliveryJob> {
     s.publish(events, Some(lease("n", 60_000)))
         .await
         .unwrap()
@@ -275,7 +279,7 @@ async fn attempts_move_deliveries_through_their_states(b: Backend) {
         .flat_map(|o| o.jobs)
         .collect();
     let now = g2w_webhooks::domain::now_ms();
-    let rec = |job: &store::DeliveryJob, outcome: Outcome, status: i64| AttemptRecord {
+    let rec = |job: &g2w_webhooks::domain::delivery::DeliveryJob, outcome: Outcome, status: i64| AttemptRecord {
         delivery_id: job.id,
         subscription_key: sk.clone(),
         number: 1,
@@ -337,7 +341,7 @@ async fn a_retry_asked_for_during_an_attempt_outlives_its_result(b: Backend) {
             .is_empty(),
         "a retried delivery is not claimed again while its attempt is in flight"
     );
-    let delivered = |job: &store::DeliveryJob| AttemptRecord {
+    let delivered = |job: &g2w_webhooks::domain::delivery::DeliveryJob| AttemptRecord {
         delivery_id: job.id,
         subscription_key: sk.clone(),
         number: 1,
@@ -489,7 +493,9 @@ async fn retention_removes_what_finished_before_the_cutoff_and_nothing_pending(b
 async fn ids_of_removed_deliveries_are_not_given_again_after_a_restart(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let url = b.fresh_url(dir.path()).await;
-    let s = store::connect(&url, 4, "normal").await.unwrap();
+    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
+        .await
+        .unwrap();
     subscribed(&s, "a", 7, EventName::WebinarCreated).await;
     let jobs = publish_leased(&s, vec![event("one", 7), event("two", 7)]).await;
     let newest = jobs.iter().map(|j| j.id).max().unwrap();
@@ -499,7 +505,9 @@ async fn ids_of_removed_deliveries_are_not_given_again_after_a_restart(b: Backen
     assert_eq!(pruned.deliveries, 2);
     drop(s);
 
-    let s = store::connect(&url, 4, "normal").await.unwrap();
+    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
+        .await
+        .unwrap();
     let again = s
         .publish(vec![event("three", 7)], Some(lease("n", 60_000)))
         .await
@@ -562,7 +570,9 @@ async fn a_database_from_before_delivery_id_ranges_finds_its_events_deliveries(b
           ('other', 'webinar.created', 1, 'w', 's1', 'https://a.example/', 'delivered', 100, 100, 100), \
           ('two', 'webinar.created', 1, 'w', 's2', 'https://a.example/', 'failed', 100, 100, 100)";
     write_rows(&b, &url, Some((5, 8)), rows).await;
-    let s = store::connect(&url, 4, "normal").await.unwrap();
+    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
+        .await
+        .unwrap();
     let of = |key: &str| DeliveryFilter {
         event_key: Some(key.into()),
         limit: 100,
@@ -648,7 +658,9 @@ async fn listing_by_creation_time_finds_every_delivery_in_the_window(b: Backend)
         values.join(", ")
     );
     write_rows(&b, &url, None, &rows).await;
-    let s = store::connect(&url, 4, "normal").await.unwrap();
+    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
+        .await
+        .unwrap();
     let all = s
         .list_deliveries(&DeliveryFilter {
             limit: 1000,

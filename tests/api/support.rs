@@ -38,12 +38,14 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// PostgreSQL when `TEST_DATABASE_URL` is set.
+    /// PostgreSQL when `TEST_DATABASE_URL` is set. Under CI (`CI` set) it must be: a PostgreSQL test fails
+    /// rather than pass having run nothing.
     pub fn postgres() -> Option<Backend> {
-        std::env::var("TEST_DATABASE_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .map(Backend::Postgres)
+        let url = std::env::var("TEST_DATABASE_URL").ok().filter(|u| !u.is_empty());
+        if url.is_none() && std::env::var_os("CI").is_some() {
+            panic!("CI is set and TEST_DATABASE_URL is not: the PostgreSQL tests must run in CI");
+        }
+        url.map(Backend::Postgres)
     }
 
     /// A fresh, empty database URL for one test.
@@ -163,7 +165,9 @@ impl TestApp {
             assert!(Instant::now() < deadline, "server did not become ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let store = store::connect(&db_url, 2, "normal").await.expect("store");
+        let store = store::connect(&db_url, 2, g2w_webhooks::config::Durability::Normal)
+            .await
+            .expect("store");
         let token = g2w_webhooks::issue_token(&store, "app-a", 1001).await.expect("token");
         Self {
             base,
@@ -250,6 +254,36 @@ impl TestApp {
         let res = self.admin(Method::POST, "/events", Some(events)).await;
         assert_eq!(res.status(), 202, "{}", res.text().await.unwrap_or_default());
         res.json().await.expect("json")
+    }
+
+    /// The JSON answer to a GET with the default token.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.call(Method::GET, path, None).await.json().await.expect("json")
+    }
+
+    /// A user subscription of the default tenant, as `GET /userSubscriptions/{key}` answers it.
+    pub async fn subscription(&self, key: &str) -> Value {
+        let res = self.call(Method::GET, &format!("/userSubscriptions/{key}"), None).await;
+        assert_eq!(res.status(), 200);
+        res.json().await.expect("json")
+    }
+
+    /// The id of the newest delivery, once there is one.
+    pub async fn newest_delivery_id(&self) -> i64 {
+        eventually("a delivery", Duration::from_secs(10), || async {
+            !self.deliveries("").await.is_empty()
+        })
+        .await;
+        self.deliveries("").await[0]["id"].as_i64().expect("id")
+    }
+
+    /// Waits until delivery `id` is in `state`; returns it.
+    pub async fn wait_state(&self, id: i64, state: &str) -> Value {
+        eventually(state, Duration::from_secs(10), || async {
+            self.delivery(id).await["state"] == state
+        })
+        .await;
+        self.delivery(id).await
     }
 
     pub async fn delivery(&self, id: i64) -> Value {

@@ -153,7 +153,7 @@ async fn missing_unknown_and_revoked_tokens_get_403(b: Backend) {
     );
     assert!(app
         .store
-        .revoke_token(&g2w_webhooks::http::extract::hash_token(&token))
+        .revoke_token(&g2w_webhooks::domain::token::hash(&token))
         .await
         .unwrap());
     assert_eq!(
@@ -177,7 +177,7 @@ async fn missing_unknown_and_revoked_tokens_get_403(b: Backend) {
 
 async fn tokens_are_stored_only_as_hashes(b: Backend) {
     let app = TestApp::on(b).await;
-    let hash = g2w_webhooks::http::extract::hash_token(&app.token);
+    let hash = g2w_webhooks::domain::token::hash(&app.token);
     if let Some(path) = app.db_url.strip_prefix("sqlite://") {
         let raw = std::fs::read(path).unwrap();
         let wal = std::fs::read(format!("{path}-wal")).unwrap_or_default();

@@ -7,8 +7,8 @@ use bytes::Bytes;
 
 use super::held::{holdings, ClaimRead, Held};
 use super::writer::HELD;
+use crate::domain::delivery::{DeliveryJob, Standing};
 use crate::error::Result;
-use crate::store::{DeliveryJob, Standing};
 
 /// The read connection claims use, driven directly through rusqlite, and where the last full claim stopped.
 pub(super) struct ClaimReader {

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 
 use super::sql::{chunks, INSERT_ATTEMPTS, INSERT_DELIVERIES, INSERT_EVENTS, UPDATE_DELIVERIES};
 use super::writer::HELD;
+use crate::domain::delivery::{AttemptRecord, DeliveryJob, Lease, NewEvent, Outcome, PublishOutcome, Standing};
 use crate::domain::{format_ms, now_ms, EventName};
 use crate::error::{Error, Result};
 use crate::store::common::id_bound;
-use crate::store::{AttemptRecord, DeliveryJob, Lease, NewEvent, Outcome, Pruned, PublishOutcome, Standing};
+use crate::store::Pruned;
 
 /// A retention pass on the hot connection, in a transaction of its own. That connection does not check
 /// foreign keys, which matters here: deliveries have no index on their event (see migration 0003), so

@@ -58,9 +58,12 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn open(url: &str, pool_size: u32, synchronous: &str) -> Result<Self> {
-        let sync = SqliteSynchronous::from_str(synchronous)
-            .map_err(|_| Error::bad_request(format!("unknown SQLite synchronous mode `{synchronous}`")))?;
+    pub async fn open(url: &str, pool_size: u32, durability: crate::config::Durability) -> Result<Self> {
+        let sync = match durability {
+            crate::config::Durability::Full => SqliteSynchronous::Full,
+            crate::config::Durability::Normal => SqliteSynchronous::Normal,
+            crate::config::Durability::Off => SqliteSynchronous::Off,
+        };
         let opts = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -69,8 +72,8 @@ impl SqliteStore {
             .foreign_keys(true);
         let path = opts.get_filename().to_path_buf();
         if url.contains(":memory:") || url.contains("mode=memory") || path.as_os_str().is_empty() {
-            return Err(Error::bad_request(
-                "an in-memory SQLite database cannot be shared by the service's connections: use sqlite://FILE",
+            return Err(Error::Config(
+                "an in-memory SQLite database cannot be shared by the service's connections: use sqlite://FILE".into(),
             ));
         }
         // Migrations, management writes and lease clean-up; the delivery hot path has its own connection.
@@ -221,21 +224,10 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
 mod tests {
     use super::*;
     #[tokio::test]
-    async fn an_unknown_synchronous_mode_is_refused_with_a_clear_error() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        match SqliteStore::open(&url, 1, "sometimes").await {
-            Err(Error::BadRequest(msg)) => assert!(msg.contains("`sometimes`"), "{msg}"),
-            Err(e) => panic!("{e}"),
-            Ok(_) => panic!("accepted"),
-        }
-    }
-
-    #[tokio::test]
     async fn an_in_memory_database_is_refused_with_a_clear_error() {
         for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://x.db?mode=memory"] {
-            match SqliteStore::open(url, 1, "full").await {
-                Err(Error::BadRequest(msg)) => assert!(msg.contains("use sqlite://FILE"), "{msg}"),
+            match SqliteStore::open(url, 1, crate::config::Durability::Full).await {
+                Err(Error::Config(msg)) => assert!(msg.contains("use sqlite://FILE"), "{msg}"),
                 Err(e) => panic!("{url}: {e}"),
                 Ok(_) => panic!("{url} was accepted"),
             }
@@ -246,9 +238,13 @@ mod tests {
     async fn the_hot_path_connection_commits_durably() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db");
-        let _store = SqliteStore::open(&format!("sqlite://{}", path.display()), 1, "full")
-            .await
-            .expect("open");
+        let _store = SqliteStore::open(
+            &format!("sqlite://{}", path.display()),
+            1,
+            crate::config::Durability::Full,
+        )
+        .await
+        .expect("open");
         let hot = Hot::open(&path, SqliteSynchronous::Full).expect("hot connection");
         let pragma = |name: &str| -> String {
             hot.conn

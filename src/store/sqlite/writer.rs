@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::held::{holdings, Held};
 use super::hot::{prune_rows, publish_all, record_all};
 use super::sql::SHAPES;
+use crate::domain::delivery::{AttemptRecord, Lease, NewEvent, PublishOutcome};
 use crate::error::Result;
 use crate::metrics::Histogram;
-use crate::store::{AttemptRecord, Lease, NewEvent, Pruned, PublishOutcome};
+use crate::store::Pruned;
 
 /// Held by the writer while it applies a group, and by the checkpointer while it finishes a checkpoint.
 pub(super) type Gate = Arc<tokio::sync::Mutex<()>>;

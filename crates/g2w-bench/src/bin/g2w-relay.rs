@@ -15,7 +15,7 @@ use axum::http::header::{HeaderValue, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::{get, post};
 use clap::Parser;
-use g2w_webhooks::callback::{DeliveryClient, Policy};
+use g2w_webhooks::outbound::{DeliveryClient, Policy};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, Semaphore};
 

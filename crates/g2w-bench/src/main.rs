@@ -18,9 +18,15 @@ use axum::extract::State;
 use axum::http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{Method, StatusCode};
 use clap::Parser;
-use g2w_webhooks::callback::{DeliveryClient, Policy};
+use g2w_webhooks::config::Durability;
+use g2w_webhooks::outbound::{DeliveryClient, Policy};
 use serde::Serialize;
 use serde_json::{json, Value};
+
+mod procfs;
+mod scenarios;
+
+use procfs::{busy_since, cpu_secs, disk_write_bytes, machine, machine_ticks, postgres_cpu_secs};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -35,10 +41,11 @@ struct Args {
     /// retention (not in the default set: how fast `--retention` removes `--backlog` finished deliveries).
     #[arg(
         long,
+        value_enum,
         value_delimiter = ',',
         default_value = "throughput,fanout,latency,backlog,single,failing"
     )]
-    scenarios: Vec<String>,
+    scenarios: Vec<Scenario>,
     /// PostgreSQL database for the postgres backend (each run uses a fresh schema).
     #[arg(
         long,
@@ -83,8 +90,8 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
     /// The SQLite server's --sqlite-synchronous: full (acknowledged means on disk), normal, off.
-    #[arg(long, default_value = "full", value_parser = synchronous_mode)]
-    sqlite_synchronous: String,
+    #[arg(long, value_enum, default_value_t = Durability::Full)]
+    sqlite_synchronous: Durability,
     /// Tiny sizes for CI: checks every scenario runs and every event arrives, in seconds.
     #[arg(long)]
     smoke: bool,
@@ -93,13 +100,44 @@ struct Args {
     json: bool,
 }
 
-/// A SQLite synchronous mode, checked by the parser the server's store uses, so a bad one is refused before
-/// anything starts.
-fn synchronous_mode(mode: &str) -> Result<String, String> {
-    <sqlx::sqlite::SqliteSynchronous as std::str::FromStr>::from_str(mode)
-        .map(|_| mode.to_string())
-        .map_err(|_| format!("unknown SQLite synchronous mode `{mode}`"))
+/// What the bench measures; each is one method of `Bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Throughput,
+    Fanout,
+    Latency,
+    Backlog,
+    Retention,
+    Single,
+    Failing,
 }
+
+impl Scenario {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Throughput => "throughput",
+            Scenario::Fanout => "fanout",
+            Scenario::Latency => "latency",
+            Scenario::Backlog => "backlog",
+            Scenario::Retention => "retention",
+            Scenario::Single => "single",
+            Scenario::Failing => "failing",
+        }
+    }
+}
+
+/// What a scenario runs against: a fresh database, a recording receiver, a directory of its own.
+struct Run<'a> {
+    backend: &'a str,
+    scenario: Scenario,
+    db: &'a str,
+    url: &'a str,
+    seen: &'a Arc<Seen>,
+    dir: &'a Path,
+}
+
+/// Longest a scenario waits for every event to arrive.
+const MAX_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Serialize)]
 struct Figure {
@@ -191,7 +229,7 @@ fn json_headers() -> axum::http::HeaderMap {
     headers
 }
 
-/// The ceiling: the receiver driven directly by the server's own delivery client (`callback::DeliveryClient`,
+/// The ceiling: the receiver driven directly by the server's own delivery client (`outbound::DeliveryClient`,
 /// the same connection pool, TLS stack and request path) at the same concurrency. The ceiling's requests per
 /// second, and the CPU time per request it took (client and receiver together). The receiver does for each
 /// request what it does in the scenarios (it records every event's arrival), and the bodies are events with
@@ -293,69 +331,6 @@ fn counter(metrics: &str, name: &str) -> Option<f64> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// CPU time (user + system, all threads, finished ones included) a process has used, in seconds.
-fn cpu_secs(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces): utime and stime are the
-    // 12th and 13th, in clock ticks of 1/100 s (USER_HZ on Linux).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Bytes a process has caused to be written to storage so far (its WAL and database file writes).
-fn disk_write_bytes(pid: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// CPU time used so far by PostgreSQL's processes on this machine (the backends serving the server's pool
-/// live as long as their connections, so a scenario's share is the difference).
-fn postgres_cpu_secs() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    dir.filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres"))
-        .map(|e| cpu_secs(&e.file_name().to_string_lossy()))
-        .sum()
-}
-
-/// Clock ticks the whole machine has spent busy (user, nice, system, irq, softirq, steal) and in all, from the
-/// first line of `/proc/stat`.
-fn machine_ticks() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: f64 = ticks.iter().sum();
-    // idle and iowait: fields 4 and 5 (guest time is counted inside user already).
-    let waiting = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
-    (total - waiting, total)
-}
-
-/// The share of the machine's clock ticks spent busy since `from` (a `machine_ticks` reading), in percent; none
-/// when no tick has passed.
-fn busy_since(from: (f64, f64)) -> Option<f64> {
-    let (busy, total) = machine_ticks();
-    (total > from.1).then(|| (busy - from.0) / (total - from.1) * 100.0)
 }
 
 /// One webinar.created event as JSON text, written out directly: the publishers' cost per event stays small
@@ -605,7 +580,7 @@ impl Bench {
                 "--max-in-flight",
                 &self.args.max_in_flight.to_string(),
             ])
-            .args(["--sqlite-synchronous", &self.args.sqlite_synchronous])
+            .args(["--sqlite-synchronous", self.args.sqlite_synchronous.as_str()])
             .args(extra)
             .env("RUST_LOG", "warn");
         let server = Self::ready(command, port).await?;
@@ -773,13 +748,13 @@ impl Bench {
         Ok(())
     }
 
-    async fn scenario(&mut self, backend: &str, scenario: &str) -> anyhow::Result<()> {
+    async fn scenario(&mut self, backend: &str, scenario: Scenario) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let (db, schema) = self.fresh_db(backend, dir.path()).await?;
         let (seen, url) = recording_receiver().await?;
         let a = self.args.clone();
         let ceiling_requests = if a.smoke { 5000 } else { a.events.min(100_000) };
-        let with_ceiling = scenario != "latency" && scenario != "retention";
+        let with_ceiling = !matches!(scenario, Scenario::Latency | Scenario::Retention);
         if with_ceiling {
             // Measured right before the scenario: on a shared machine the ceiling moves between minutes, and
             // a ratio means most when both sides ran under the same conditions.
@@ -788,11 +763,18 @@ impl Bench {
             let busy = busy_since(machine);
             self.ceiling = rate;
             self.ceiling_cpu = cpu;
-            self.record(backend, scenario, "ceiling: receiver driven directly", rate, "/s", true);
+            self.record(
+                backend,
+                scenario.as_str(),
+                "ceiling: receiver driven directly",
+                rate,
+                "/s",
+                true,
+            );
             if let Some(share) = busy {
                 self.record(
                     backend,
-                    scenario,
+                    scenario.as_str(),
                     "ceiling: machine busy (every process)",
                     share,
                     "%",
@@ -801,328 +783,29 @@ impl Bench {
             }
             self.record(
                 backend,
-                scenario,
+                scenario.as_str(),
                 "ceiling: CPU per request (client + receiver)",
                 cpu,
                 "us",
                 false,
             );
         }
-        let (events, batch, pubs, max_wait) = (a.events, a.batch, a.batch_publishers, Duration::from_secs(600));
+        let run = Run {
+            backend,
+            scenario,
+            db: &db,
+            url: &url,
+            seen: &seen,
+            dir: dir.path(),
+        };
         match scenario {
-            "throughput" => {
-                let (server, _) = self.start_server(&db, &[]).await?;
-                self.subscribe(&server, &db, &url, 1).await?;
-                let server = Arc::new(server);
-                let cpu = server.cpu();
-                let start = Instant::now();
-                let publish = self.publish_batched(&server, events, batch, pubs).await?;
-                self.wait_for(&seen, events, max_wait).await?;
-                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.complete(backend, scenario, &seen, events)?;
-                self.record_cpu(backend, scenario, &server, cpu, events);
-                let rss = server.peak_rss_mib();
-                self.record(
-                    backend,
-                    scenario,
-                    "events accepted/s (batched)",
-                    events as f64 / publish.as_secs_f64(),
-                    "/s",
-                    false,
-                );
-                self.record(
-                    backend,
-                    scenario,
-                    "deliveries/s end to end",
-                    events as f64 / (end - start).as_secs_f64(),
-                    "/s",
-                    true,
-                );
-                self.record(backend, scenario, "peak server memory", rss, "MiB", false);
-                Arc::into_inner(server).context("server still shared")?.stop().await?;
-            }
-            "fanout" => {
-                let (server, _) = self.start_server(&db, &[]).await?;
-                self.subscribe(&server, &db, &url, a.fanout_subs).await?;
-                let server = Arc::new(server);
-                seen.record_arrivals.store(false, Ordering::Relaxed);
-                let total = a.fanout_events * a.fanout_subs;
-                let cpu = server.cpu();
-                let start = Instant::now();
-                self.publish_batched(&server, a.fanout_events, 100, pubs).await?;
-                self.wait_for(&seen, total, max_wait).await?;
-                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.record_cpu(backend, scenario, &server, cpu, total);
-                self.record(
-                    backend,
-                    scenario,
-                    "deliveries/s end to end",
-                    total as f64 / (end - start).as_secs_f64(),
-                    "/s",
-                    true,
-                );
-                Arc::into_inner(server).context("server still shared")?.stop().await?;
-            }
-            "latency" => {
-                // The bound the disk sets: the same arrivals, acknowledged by nothing but a write and an
-                // fdatasync on the database's file system. Measured first, so the two do not share the disk.
-                let (rate, secs, probe) = (a.latency_rate, a.latency_secs, dir.path().to_path_buf());
-                let bound = tokio::task::spawn_blocking(move || disk_bound(&probe, rate, secs)).await??;
-                self.record_percentiles(backend, scenario, "disk alone: arrival to fdatasync", bound);
-                let (server, _) = self.start_server(&db, &[]).await?;
-                self.subscribe(&server, &db, &url, 1).await?;
-                let server = Arc::new(server);
-                let n = a.latency_rate * a.latency_secs;
-                // The first second warms up connections and caches and is left out of the figures.
-                let warm = a.latency_rate as i64;
-                let interval = Duration::from_secs_f64(1.0 / a.latency_rate as f64);
-                let sent: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
-                let mut ticker = tokio::time::interval(interval);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                let mut tasks = Vec::with_capacity(n as usize);
-                let cpu = server.cpu();
-                for k in -warm..n as i64 {
-                    ticker.tick().await;
-                    let (server, sent) = (server.clone(), sent.clone());
-                    tasks.push(tokio::spawn(async move {
-                        sent.lock().expect("lock").insert(k, Instant::now());
-                        server.publish(event(k, 1)).await
-                    }));
-                }
-                for t in tasks {
-                    t.await??;
-                }
-                self.wait_for(&seen, n + warm as u64, max_wait).await?;
-                self.complete(backend, scenario, &seen, n)?;
-                self.record_cpu(backend, scenario, &server, cpu, n + warm as u64);
-                if (-warm..0).any(|k| !seen.arrivals.lock().expect("lock").contains_key(&k)) {
-                    bail!("a warm-up event never arrived");
-                }
-                let lat: Vec<f64> = {
-                    let arrivals = seen.arrivals.lock().expect("lock");
-                    let sent = sent.lock().expect("lock");
-                    (0..n as i64)
-                        .map(|k| (arrivals[&k] - sent[&k]).as_secs_f64() * 1000.0)
-                        .collect()
-                };
-                self.record_percentiles(backend, scenario, "publish to callback", lat);
-                let (over, p99) = commit_tail(&server.metrics().await?).context("no commit histogram in /metrics")?;
-                self.record(
-                    backend,
-                    scenario,
-                    "server: store commits over 3 ms",
-                    over * 100.0,
-                    "%",
-                    false,
-                );
-                self.record(
-                    backend,
-                    scenario,
-                    "server: store commit p99 (bucket bound)",
-                    p99 * 1000.0,
-                    "ms",
-                    false,
-                );
-                Arc::into_inner(server).context("server still shared")?.stop().await?;
-            }
-            "backlog" => {
-                // Deliveries pile up while no worker runs (an API-only node), then a node with workers starts on
-                // the same database: its start-up time, drain rate and peak memory are measured.
-                let (server, _) = self.start_server(&db, &["--no-worker"]).await?;
-                self.subscribe(&server, &db, &url, 1).await?;
-                let server = Arc::new(server);
-                seen.record_arrivals.store(false, Ordering::Relaxed);
-                self.publish_batched(&server, a.backlog, batch, pubs).await?;
-                Arc::into_inner(server).context("server still shared")?.stop().await?;
-                let (server, startup) = self.start_server(&db, &[]).await?;
-                let cpu = server.cpu();
-                let start = Instant::now();
-                self.record(
-                    backend,
-                    "restart",
-                    "start-up to serving with backlog",
-                    startup.as_secs_f64() * 1000.0,
-                    "ms",
-                    false,
-                );
-                self.wait_for(&seen, a.backlog, max_wait).await?;
-                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.record_cpu(backend, scenario, &server, cpu, a.backlog);
-                self.record(
-                    backend,
-                    scenario,
-                    "drain deliveries/s",
-                    a.backlog as f64 / (end - start).as_secs_f64(),
-                    "/s",
-                    true,
-                );
-                self.record(
-                    backend,
-                    scenario,
-                    "peak server memory",
-                    server.peak_rss_mib(),
-                    "MiB",
-                    false,
-                );
-                server.stop().await?;
-            }
-            "retention" => {
-                // Deliveries finish on a node that keeps everything; then a node keeping them a moment starts on
-                // the same database, and how fast its retention removes them (with their attempts and events)
-                // is read from its /metrics.
-                let (server, _) = self.start_server(&db, &["--retention", "off"]).await?;
-                self.subscribe(&server, &db, &url, 1).await?;
-                let server = Arc::new(server);
-                seen.record_arrivals.store(false, Ordering::Relaxed);
-                let n = a.backlog;
-                self.publish_batched(&server, n, batch, pubs).await?;
-                self.wait_for(&seen, n, max_wait).await?;
-                Arc::into_inner(server).context("server still shared")?.stop().await?;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                // Checks come every 50 ms at this retention; the clock starts at the first rows removed.
-                let (server, _) = self.start_server(&db, &["--retention", "200ms"]).await?;
-                let cpu = server.cpu();
-                let deadline = Instant::now() + max_wait;
-                let mut first: Option<(Instant, f64)> = None;
-                let (end, events) = loop {
-                    let metrics = server.metrics().await?;
-                    let removed = counter(&metrics, "g2w_deliveries_pruned_total").unwrap_or(0.0);
-                    let events = counter(&metrics, "g2w_events_pruned_total").unwrap_or(0.0);
-                    if removed > 0.0 && first.is_none() {
-                        first = Some((Instant::now(), removed));
-                    }
-                    if removed >= n as f64 && events >= n as f64 {
-                        break (Instant::now(), events);
-                    }
-                    if Instant::now() > deadline {
-                        bail!("retention removed {removed} of {n} deliveries and {events} of {n} events");
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                };
-                let (start, before) = first.context("nothing was removed")?;
-                let server_us = (server.cpu_secs() - cpu.server) / n as f64 * 1e6;
-                self.record(backend, scenario, "events removed", events, "", false);
-                self.record(
-                    backend,
-                    scenario,
-                    "server CPU per delivery removed",
-                    server_us,
-                    "us",
-                    false,
-                );
-                if backend == "postgres" {
-                    let per = (postgres_cpu_secs() - cpu.database) / n as f64 * 1e6;
-                    self.record(
-                        backend,
-                        scenario,
-                        "PostgreSQL CPU per delivery removed",
-                        per,
-                        "us",
-                        false,
-                    );
-                }
-                let secs = (end - start).as_secs_f64().max(1e-3);
-                self.record(
-                    backend,
-                    scenario,
-                    "deliveries removed/s (with their attempts and events)",
-                    (n as f64 - before) / secs,
-                    "/s",
-                    false,
-                );
-                server.stop().await?;
-            }
-            "single" => {
-                let (server, _) = self.start_server(&db, &[]).await?;
-                self.subscribe(&server, &db, &url, 1).await?;
-                let server = Arc::new(server);
-                let n = a.single_events;
-                let cpu = server.cpu();
-                let start = Instant::now();
-                self.publish_batched(&server, n, 1, a.publishers).await?;
-                self.wait_for(&seen, n, max_wait).await?;
-                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.complete(backend, scenario, &seen, n)?;
-                self.record_cpu(backend, scenario, &server, cpu, n);
-                let rate = n as f64 / (end - start).as_secs_f64();
-                self.record(
-                    backend,
-                    scenario,
-                    &format!("deliveries/s, 1 event/request, {} publishers", a.publishers),
-                    rate,
-                    "/s",
-                    true,
-                );
-                Arc::into_inner(server).context("server still shared")?.stop().await?;
-                // The same load through the relay: both HTTP exchanges of each event and nothing else.
-                let (relay_seen, relay_url) = recording_receiver().await?;
-                let relay = Arc::new(self.start_relay(&relay_url).await?);
-                let from = relay.cpu();
-                let start = Instant::now();
-                self.publish_batched(&relay, n, 1, a.publishers).await?;
-                self.wait_for(&relay_seen, n, max_wait).await?;
-                let end = relay_seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                let per = |secs: f64| secs / n as f64 * 1e6;
-                let (relay_us, bench_us) = (per(relay.cpu_secs() - from.server), per(cpu_secs("self") - from.bench));
-                if let Some(share) = busy_since(from.machine) {
-                    self.record(
-                        backend,
-                        scenario,
-                        "relay: machine busy (every process)",
-                        share,
-                        "%",
-                        false,
-                    );
-                }
-                self.record(backend, scenario, "relay: relay CPU per event", relay_us, "us", false);
-                self.record(
-                    backend,
-                    scenario,
-                    "relay: load generator CPU per event (publishers + receiver)",
-                    bench_us,
-                    "us",
-                    false,
-                );
-                self.record(
-                    backend,
-                    scenario,
-                    "relay: events/s answered at once and forwarded, nothing stored",
-                    n as f64 / (end - start).as_secs_f64(),
-                    "/s",
-                    true,
-                );
-                Arc::into_inner(relay).context("relay still shared")?.stop().await?;
-            }
-            "failing" => {
-                let (server, _) = self
-                    .start_server(&db, &["--retry-schedule", "1ms,2ms,5ms,10ms,20ms,50ms,100ms,200ms"])
-                    .await?;
-                self.subscribe(&server, &db, &url, 1).await?;
-                seen.fail_every_third.store(true, Ordering::Relaxed);
-                let server = Arc::new(server);
-                let n = a.failing_events;
-                let start = Instant::now();
-                self.publish_batched(&server, n, batch, pubs).await?;
-                let deadline = Instant::now() + max_wait;
-                while seen.arrivals.lock().expect("lock").len() < n as usize {
-                    if Instant::now() > deadline {
-                        bail!("not every event arrived past the failing receiver");
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                let end = seen.last.lock().expect("lock").unwrap_or_else(Instant::now);
-                self.complete(backend, scenario, &seen, n)?;
-                self.record(
-                    backend,
-                    scenario,
-                    "deliveries/s, every 3rd answer 500",
-                    n as f64 / (end - start).as_secs_f64(),
-                    "/s",
-                    true,
-                );
-                Arc::into_inner(server).context("server still shared")?.stop().await?;
-            }
-            other => bail!("unknown scenario {other}"),
+            Scenario::Throughput => self.throughput(&run).await?,
+            Scenario::Fanout => self.fanout(&run).await?,
+            Scenario::Latency => self.latency(&run).await?,
+            Scenario::Backlog => self.backlog(&run).await?,
+            Scenario::Retention => self.retention(&run).await?,
+            Scenario::Single => self.single(&run).await?,
+            Scenario::Failing => self.failing(&run).await?,
         }
         if let Some(schema) = schema {
             self.drop_schema(&schema).await?;
@@ -1134,7 +817,7 @@ impl Bench {
             let (rate, _) = fresh_ceiling(ceiling_requests, a.max_in_flight).await?;
             self.record(
                 backend,
-                scenario,
+                scenario.as_str(),
                 "ceiling: measured again after the scenario",
                 rate,
                 "/s",
@@ -1161,35 +844,6 @@ async fn secret(server: &Server, api: &str, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpu
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    // The checkout the binary was built in (it sits in its target directory), else the current directory's.
-    let built_in = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf));
-    let commit = [built_in, None]
-        .into_iter()
-        .find_map(|dir| {
-            let mut git = Command::new("git");
-            if let Some(dir) = dir {
-                git.arg("-C").arg(dir);
-            }
-            let out = git.args(["rev-parse", "--short", "HEAD"]).output().ok()?;
-            let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
-            (out.status.success() && !commit.is_empty()).then_some(commit)
-        })
-        .unwrap_or_default();
-    json!({"cores": cores, "cpu": model, "commit": commit})
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
@@ -1212,7 +866,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = json!({"events": args.events, "batch": args.batch, "batch_publishers": args.batch_publishers,
         "fanout": [args.fanout_events, args.fanout_subs], "latency": [args.latency_rate, args.latency_secs],
         "backlog": args.backlog, "single": [args.single_events, args.publishers], "failing": args.failing_events,
-        "max_in_flight": args.max_in_flight, "sqlite_synchronous": args.sqlite_synchronous});
+        "max_in_flight": args.max_in_flight, "sqlite_synchronous": args.sqlite_synchronous.as_str()});
     if !args.json {
         eprintln!("machine {}  settings {settings}", machine());
         eprintln!(
@@ -1230,11 +884,11 @@ async fn main() -> anyhow::Result<()> {
     let backends = bench.args.backends.clone();
     let scenarios = bench.args.scenarios.clone();
     for backend in &backends {
-        for scenario in &scenarios {
+        for &scenario in &scenarios {
             bench
                 .scenario(backend, scenario)
                 .await
-                .with_context(|| format!("{backend} {scenario}"))?;
+                .with_context(|| format!("{backend} {}", scenario.as_str()))?;
         }
     }
     if bench.args.json {
@@ -1330,6 +984,6 @@ mod tests {
         let err = Args::try_parse_from(["g2w-bench", "--sqlite-synchronous", "sometimes"]).expect_err("refused");
         assert!(err.to_string().contains("sometimes"), "{err}");
         let ok = Args::try_parse_from(["g2w-bench", "--sqlite-synchronous", "off"]).expect("accepted");
-        assert_eq!(ok.sqlite_synchronous, "off");
+        assert_eq!(ok.sqlite_synchronous, Durability::Off);
     }
 }

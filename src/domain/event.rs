@@ -9,9 +9,9 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::domain::delivery::NewEvent;
 use crate::domain::{format_ms, now_ms, EventName};
 use crate::error::{Error, Result};
-use crate::store::NewEvent;
 
 /// Most events one publish request may carry.
 pub const MAX_BATCH: usize = 1000;
