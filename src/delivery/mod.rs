@@ -316,7 +316,7 @@ impl Engine {
     fn not_sent(&self, job: &DeliveryJob, outcome: Outcome) -> AttemptRecord {
         let why = match outcome {
             Outcome::Cancelled(c) => c.reason(),
-            _ => "paused: subscription or webhook INACTIVE",
+            _ => crate::store::rules::PAUSED,
         };
         tracing::info!(event_key = %job.event_key, delivery_id = job.id, subscription = %job.subscription_key,
             reason = why, "delivery not sent");

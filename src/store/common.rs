@@ -85,11 +85,12 @@ const TOUCH: &str = "updated_at = CASE WHEN updated_at >= $1 THEN updated_at + 1
 /// Pauses the waiting deliveries that `cond` picks (`$2` is the key): they leave the due queue until resumed.
 async fn pause(tx: &mut sqlx::Transaction<'_, $db>, cond: &str, key: &str, now: i64) -> Result<()> {
     sqlx::query(&format!(
-        "UPDATE {PENDING_DELIVERIES} SET state = 'paused', last_error = 'paused: subscription or webhook INACTIVE', \
-         {TOUCH} WHERE state = 'pending' AND {cond}"
+        "UPDATE {PENDING_DELIVERIES} SET state = 'paused', last_error = $3, {TOUCH} \
+         WHERE state = 'pending' AND {cond}"
     ))
     .bind(now)
     .bind(key)
+    .bind($crate::store::rules::PAUSED)
     .execute(&mut **tx)
     .await?;
     Ok(())

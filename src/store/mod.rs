@@ -17,6 +17,7 @@ use crate::metrics::Histogram;
 
 mod common;
 pub mod postgres;
+pub mod rules;
 pub mod sqlite;
 
 #[derive(Debug, Clone, Default)]

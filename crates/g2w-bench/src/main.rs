@@ -23,8 +23,15 @@ use g2w_webhooks::outbound::{DeliveryClient, Policy};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+mod measure;
 mod procfs;
+mod receiver;
 mod scenarios;
+mod server;
+
+use measure::{commit_tail, counter, disk_bound};
+use receiver::{client, fresh_ceiling, json_headers, recording_receiver, Seen};
+use server::{Cpu, Server};
 
 use procfs::{busy_since, cpu_secs, disk_write_bytes, machine, machine_ticks, postgres_cpu_secs};
 
@@ -151,297 +158,12 @@ struct Figure {
     of_ceiling: Option<f64>,
 }
 
-/// What the receiver saw.
-#[derive(Default)]
-struct Seen {
-    count: AtomicU64,
-    /// Arrival of each webinarKey (the publisher numbers events), for latency and completeness.
-    arrivals: Mutex<HashMap<i64, Instant>>,
-    last: Mutex<Option<Instant>>,
-    fail_every_third: AtomicBool,
-    record_arrivals: AtomicBool,
-    /// Callbacks answered 2xx for an event that had already arrived (at-least-once allows them; a healthy
-    /// receiver should see none).
-    duplicates: AtomicU64,
-}
-
-#[derive(serde::Deserialize)]
-struct KeyOnly {
-    #[serde(rename = "webinarKey")]
-    webinar_key: i64,
-}
-
-async fn receive(State(seen): State<Arc<Seen>>, method: Method, body: Bytes) -> StatusCode {
-    if method == Method::GET {
-        return StatusCode::OK;
-    }
-    let n = seen.count.fetch_add(1, Ordering::Relaxed);
-    if seen.fail_every_third.load(Ordering::Relaxed) && n % 3 == 2 {
-        return StatusCode::INTERNAL_SERVER_ERROR;
-    }
-    let now = Instant::now();
-    if seen.record_arrivals.load(Ordering::Relaxed) {
-        if let Ok(k) = serde_json::from_slice::<KeyOnly>(&body) {
-            match seen.arrivals.lock().expect("lock").entry(k.webinar_key) {
-                Entry::Vacant(v) => {
-                    v.insert(now);
-                }
-                Entry::Occupied(_) => {
-                    seen.duplicates.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-    *seen.last.lock().expect("lock") = Some(now);
-    StatusCode::OK
-}
-
-async fn start_receiver(seen: Arc<Seen>) -> anyhow::Result<String> {
-    let app = axum::Router::new().fallback(receive).with_state(seen);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(format!("http://{addr}/hook"))
-}
-
-/// A receiver that records every event's arrival, and its URL.
-async fn recording_receiver() -> anyhow::Result<(Arc<Seen>, String)> {
-    let seen = Arc::new(Seen::default());
-    seen.record_arrivals.store(true, Ordering::Relaxed);
-    let url = start_receiver(seen.clone()).await?;
-    Ok((seen, url))
-}
-
-fn client(concurrency: usize) -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .tcp_nodelay(true)
-        .build()
-        .expect("client")
-}
-
-/// Headers of a JSON request body.
-fn json_headers() -> axum::http::HeaderMap {
-    let mut headers = axum::http::HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers
-}
-
-/// The ceiling: the receiver driven directly by the server's own delivery client (`outbound::DeliveryClient`,
-/// the same connection pool, TLS stack and request path) at the same concurrency. The ceiling's requests per
-/// second, and the CPU time per request it took (client and receiver together). The receiver does for each
-/// request what it does in the scenarios (it records every event's arrival), and the bodies are events with
-/// distinct keys, made before the clock starts.
-async fn ceiling(url: &str, requests: u64, concurrency: usize) -> anyhow::Result<(f64, f64)> {
-    let http = DeliveryClient::new(Policy::AllowPrivate, Duration::from_secs(30), concurrency);
-    let uri: axum::http::Uri = url.parse()?;
-    let bodies: Arc<Vec<Bytes>> = Arc::new((0..requests as i64).map(|k| Bytes::from(event(k, 1))).collect());
-    let cpu = cpu_secs("self");
-    let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (http, uri, bodies, next) = (http.clone(), uri.clone(), bodies.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(body) = bodies.get(i as usize) else { break };
-                let _ = http.post(uri.clone(), json_headers(), body.clone(), 1024).await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await?;
-    }
-    Ok((
-        requests as f64 / start.elapsed().as_secs_f64(),
-        (cpu_secs("self") - cpu) / requests as f64 * 1e6,
-    ))
-}
-
-/// What the disk alone allows a server that acknowledges an event only once it is on disk: events arrive at
-/// `rate` per second for `secs` seconds, and a group-commit writer that does nothing else takes every event that
-/// has arrived, writes a 4 KiB page for each (and one for the commit) to a file in `dir`, and calls
-/// `fdatasync`. Returns each event's time from arrival to the end of its `fdatasync`, in milliseconds.
-fn disk_bound(dir: &std::path::Path, rate: u64, secs: u64) -> std::io::Result<Vec<f64>> {
-    use std::os::unix::fs::FileExt;
-    const PAGE: usize = 4096;
-    const SPAN: u64 = 4 << 20;
-    let path = dir.join("disk-bound");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&path)?;
-    file.set_len(SPAN)?;
-    file.sync_all()?;
-    let page = [0x5a_u8; PAGE];
-    let n = rate * secs;
-    let start = Instant::now();
-    let due = |i: u64| start + Duration::from_secs_f64(i as f64 / rate as f64);
-    let (mut waits, mut next, mut offset) = (Vec::with_capacity(n as usize), 0, 0);
-    while next < n {
-        let now = Instant::now();
-        if due(next) > now {
-            std::thread::sleep(due(next) - now);
-            continue;
-        }
-        let mut last = next;
-        while last < n && due(last) <= now {
-            last += 1;
-        }
-        for _ in next..=last {
-            file.write_all_at(&page, offset)?;
-            offset = (offset + PAGE as u64) % SPAN;
-        }
-        file.sync_data()?;
-        let done = Instant::now();
-        waits.extend((next..last).map(|i| (done - due(i)).as_secs_f64() * 1000.0));
-        next = last;
-    }
-    std::fs::remove_file(path)?;
-    Ok(waits)
-}
-
-/// From the server's `/metrics`: the share of its store commits that took over 3 ms, and the upper bound of the
-/// histogram bucket that holds the 99th percentile (in seconds).
-fn commit_tail(metrics: &str) -> Option<(f64, f64)> {
-    let buckets: Vec<(f64, f64)> = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("g2w_store_commit_duration_seconds_bucket{le=\""))
-        .filter_map(|l| {
-            let (le, n) = l.split_once("\"} ")?;
-            Some((le.parse().unwrap_or(f64::INFINITY), n.trim().parse().ok()?))
-        })
-        .collect();
-    let count = buckets.last()?.1;
-    if count == 0.0 {
-        return None;
-    }
-    let within_3ms = buckets.iter().find(|(le, _)| *le >= 0.003)?.1;
-    let p99 = buckets.iter().find(|(_, n)| *n >= 0.99 * count)?.0;
-    Some((1.0 - within_3ms / count, p99))
-}
-
-/// A counter's value in a `/metrics` text.
-fn counter(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// One webinar.created event as JSON text, written out directly: the publishers' cost per event stays small
 /// beside the server's.
 fn event(key: i64, organizer: i64) -> String {
     format!(
         r#"{{"eventName":"webinar.created","webinarKey":{key},"organizerKey":{organizer},"webinarTitle":"Benchmark webinar","experienceType":"CLASSIC","recurrenceType":"single_session","status":"NEW","timeZone":"UTC","times":[{{"startTime":"2030-01-01T10:00:00Z","endTime":"2030-01-01T11:00:00Z"}}],"accountKey":77}}"#
     )
-}
-
-/// CPU seconds used so far, read at the start of a measurement.
-#[derive(Clone, Copy)]
-struct Cpu {
-    server: f64,
-    /// Bytes the server has caused to be written to storage (`write_bytes` in `/proc/PID/io`).
-    server_disk: f64,
-    database: f64,
-    /// This process: the publishers and the receiver.
-    bench: f64,
-    /// The whole machine's busy and total clock ticks.
-    machine: (f64, f64),
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    /// For set-up and `/metrics`.
-    http: reqwest::Client,
-    publisher: DeliveryClient,
-    events: axum::http::Uri,
-}
-
-impl Server {
-    fn cpu_secs(&self) -> f64 {
-        cpu_secs(&self.child.id().to_string())
-    }
-
-    /// CPU used so far by the server and by PostgreSQL.
-    fn cpu(&self) -> Cpu {
-        Cpu {
-            server_disk: disk_write_bytes(&self.child.id().to_string()),
-            server: self.cpu_secs(),
-            database: postgres_cpu_secs(),
-            bench: cpu_secs("self"),
-            machine: machine_ticks(),
-        }
-    }
-
-    fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-
-    /// Publishes through the same client the ceiling uses (the server's delivery client), so publishing costs
-    /// the machine no more than a ceiling request does.
-    async fn publish(&self, body: String) -> anyhow::Result<()> {
-        let mut headers = json_headers();
-        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench-admin"));
-        let answer = self
-            .publisher
-            .post(self.events.clone(), headers, Bytes::from(body), 4096)
-            .await
-            .map_err(|e| anyhow::anyhow!("publish failed: {e}"))?;
-        if answer.status != 202 {
-            bail!(
-                "publish answered {}: {}",
-                answer.status,
-                String::from_utf8_lossy(&answer.excerpt)
-            );
-        }
-        Ok(())
-    }
-
-    async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(self
-            .http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await?
-            .text()
-            .await?)
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                self.child.kill()?;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-}
-
-/// A scenario that fails part-way leaves no server behind.
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 struct Bench {
@@ -452,13 +174,6 @@ struct Bench {
     ceiling: f64,
     /// The CPU time per request of that ceiling, in us (client and receiver together).
     ceiling_cpu: f64,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(18_999)
 }
 
 impl Bench {
@@ -530,107 +245,6 @@ impl Bench {
         ] {
             self.record(backend, scenario, &format!("{what} {name}"), v, "ms", false);
         }
-    }
-
-    /// A fresh database: a file in `dir`, or a new PostgreSQL schema (named in the second value).
-    async fn fresh_db(&self, backend: &str, dir: &std::path::Path) -> anyhow::Result<(String, Option<String>)> {
-        if backend == "sqlite" {
-            return Ok((format!("sqlite://{}", dir.join("bench.db").display()), None));
-        }
-        let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-        let pool = sqlx::PgPool::connect(&self.args.postgres_url)
-            .await
-            .context("connecting to PostgreSQL")?;
-        sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await?;
-        pool.close().await;
-        let sep = if self.args.postgres_url.contains('?') { '&' } else { '?' };
-        Ok((
-            format!("{}{sep}options[search_path]={schema}", self.args.postgres_url),
-            Some(schema),
-        ))
-    }
-
-    /// Drops a scenario's schema, so that PostgreSQL's autovacuum does not work through its tables while the
-    /// next scenario runs on the same cores.
-    async fn drop_schema(&self, schema: &str) -> anyhow::Result<()> {
-        let pool = sqlx::PgPool::connect(&self.args.postgres_url).await?;
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-            .execute(&pool)
-            .await?;
-        pool.close().await;
-        Ok(())
-    }
-
-    async fn start_server(&self, db: &str, extra: &[&str]) -> anyhow::Result<(Server, Duration)> {
-        let port = free_port();
-        let started = Instant::now();
-        let mut command = Command::new(&self.bin);
-        command
-            .args([
-                "serve",
-                "--dev",
-                "--database-url",
-                db,
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args([
-                "--admin-token",
-                "bench-admin",
-                "--max-in-flight",
-                &self.args.max_in_flight.to_string(),
-            ])
-            .args(["--sqlite-synchronous", self.args.sqlite_synchronous.as_str()])
-            .args(extra)
-            .env("RUST_LOG", "warn");
-        let server = Self::ready(command, port).await?;
-        Ok((server, started.elapsed()))
-    }
-
-    /// The relay (`g2w-relay`, beside this binary), forwarding every event it is sent to `target`.
-    async fn start_relay(&self, target: &str) -> anyhow::Result<Server> {
-        let port = free_port();
-        let mut command = Command::new(self.bin.with_file_name("g2w-relay"));
-        command.args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            target,
-            "--max-in-flight",
-            &self.args.max_in_flight.to_string(),
-        ]);
-        Self::ready(command, port).await
-    }
-
-    /// Starts `command`, listening on `port`, and waits until it answers `/readyz`.
-    async fn ready(mut command: Command, port: u16) -> anyhow::Result<Server> {
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", command.get_program().to_string_lossy()))?;
-        let base = format!("http://127.0.0.1:{port}");
-        let http = client(64);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("the server did not become ready");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let server = Server {
-            events: format!("{base}/admin/v1/events").parse()?,
-            publisher: DeliveryClient::new(Policy::AllowPrivate, Duration::from_secs(300), 64),
-            child,
-            base,
-            http,
-        };
-        Ok(server)
     }
 
     /// A token, an ACTIVE webhook and `subs` ACTIVE subscriptions of organizer 1, each to its own path.
@@ -828,12 +442,6 @@ impl Bench {
     }
 }
 
-/// The ceiling against a receiver of its own: requests per second, and CPU per request in us.
-async fn fresh_ceiling(requests: u64, concurrency: usize) -> anyhow::Result<(f64, f64)> {
-    let (_, url) = recording_receiver().await?;
-    ceiling(&url, requests, concurrency).await
-}
-
 async fn secret(server: &Server, api: &str, token: &str) -> anyhow::Result<()> {
     server
         .http
@@ -921,7 +529,7 @@ mod tests {
         assert_eq!(v["webinarKey"], 42);
         assert_eq!(v["organizerKey"], 7);
         assert_eq!(v["times"][0]["endTime"], "2030-01-01T11:00:00Z");
-        let k: KeyOnly = serde_json::from_str(&event(42, 7)).expect("the receiver's view");
+        let k: receiver::KeyOnly = serde_json::from_str(&event(42, 7)).expect("the receiver's view");
         assert_eq!(k.webinar_key, 42);
     }
 

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::common::{id_bound, sql_store};
 use super::*;
-use crate::domain::{format_ms, new_key, now_ms, State};
+use crate::domain::{new_key, now_ms, State};
 
 mod publish;
 
@@ -241,19 +241,9 @@ sql_store!(PgStore, Postgres, PgRow, {
         let excerpts: Vec<Option<String>> = results.iter().map(|r| r.response_excerpt.clone()).collect();
         let nodes: Vec<&str> = results.iter().map(|r| r.node.as_str()).collect();
         let (states, nexts): (Vec<&str>, Vec<i64>) = results.iter().map(|r| r.outcome.settles_as(now)).unzip();
-        let subs = |pred: &dyn Fn(&Outcome) -> bool| {
-            let mut v: Vec<&str> = results
-                .iter()
-                .filter(|r| pred(&r.outcome))
-                .map(|r| r.subscription_key.as_str())
-                .collect();
-            v.sort_unstable();
-            v.dedup();
-            v
-        };
-        let delivered = subs(&|o| *o == Outcome::Delivered);
-        let gone = subs(&|o| *o == Outcome::Gone);
-        let failing = subs(&|o| o.is_failure());
+        let delivered = rules::subscriptions_where(&results, |r| r.outcome == Outcome::Delivered);
+        let gone = rules::subscriptions_where(&results, |r| r.outcome == Outcome::Gone);
+        let failing = rules::subscriptions_where(&results, |r| r.outcome.is_failure());
 
         // The attempts, the deliveries' new states and the end of their subscriptions' failure clocks: one
         // statement, so the usual all-delivered batch is one round trip and its own transaction. A delivery
@@ -336,11 +326,7 @@ sql_store!(PgStore, Postgres, PgRow, {
                 "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
                  WHERE subscription_key = ANY($2) AND state = 'ACTIVE' AND failing_since <= $3",
             )
-            .bind(format!(
-                "every delivery failed for {} s; deactivated at {}",
-                disable_after_ms / 1000,
-                format_ms(now)
-            ))
+            .bind(rules::disabled_reason(disable_after_ms, now))
             .bind(&failing)
             .bind(now - disable_after_ms)
             .execute(&mut *tx)
@@ -351,7 +337,7 @@ sql_store!(PgStore, Postgres, PgRow, {
                 "UPDATE user_subscriptions SET state = 'INACTIVE', inactive_reason = $1 \
                  WHERE subscription_key = ANY($2) AND state = 'ACTIVE'",
             )
-            .bind(format!("the callback answered 410 Gone at {}", format_ms(now)))
+            .bind(rules::gone_reason(now))
             .bind(&gone)
             .execute(&mut *tx)
             .await?;

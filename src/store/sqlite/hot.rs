@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use super::sql::{chunks, INSERT_ATTEMPTS, INSERT_DELIVERIES, INSERT_EVENTS, UPDATE_DELIVERIES};
 use super::writer::HELD;
 use crate::domain::delivery::{AttemptRecord, DeliveryJob, Lease, NewEvent, Outcome, PublishOutcome, Standing};
-use crate::domain::{format_ms, now_ms, EventName};
+use crate::domain::{now_ms, EventName};
 use crate::error::{Error, Result};
 use crate::store::common::id_bound;
+use crate::store::rules;
 use crate::store::Pruned;
 
 /// A retention pass on the hot connection, in a transaction of its own. That connection does not check
@@ -232,16 +233,10 @@ pub(super) fn publish_all(
 
 /// The distinct subscriptions of the records whose outcome matches, as a JSON array.
 fn subscriptions_where(records: &[&AttemptRecord], pred: impl Fn(Outcome) -> bool) -> Result<Option<String>> {
-    let mut keys: Vec<&str> = records
-        .iter()
-        .filter(|r| pred(r.outcome))
-        .map(|r| r.subscription_key.as_str())
-        .collect();
+    let keys = rules::subscriptions_where(records.iter().copied(), |r| pred(r.outcome));
     if keys.is_empty() {
         return Ok(None);
     }
-    keys.sort_unstable();
-    keys.dedup();
     serde_json::to_string(&keys)
         .map(Some)
         .map_err(|e| Error::Internal(e.to_string()))
@@ -308,11 +303,7 @@ pub(super) fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord],
         .execute([keys])?;
     }
     if let Some(keys) = &failing {
-        let reason = format!(
-            "every delivery failed for {} s; deactivated at {}",
-            disable_after_ms / 1000,
-            format_ms(now)
-        );
+        let reason = rules::disabled_reason(disable_after_ms, now);
         tx.prepare_cached(
             "UPDATE OR FAIL user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
              WHERE state = 'ACTIVE' AND failing_since <= ?2 AND subscription_key IN (SELECT value FROM json_each(?3))",
@@ -320,7 +311,7 @@ pub(super) fn record_all(tx: &rusqlite::Transaction, records: &[&AttemptRecord],
         .execute(rusqlite::params![reason, now.saturating_sub(disable_after_ms), keys])?;
     }
     if let Some(keys) = &gone {
-        let reason = format!("the callback answered 410 Gone at {}", format_ms(now));
+        let reason = rules::gone_reason(now);
         tx.prepare_cached(
             "UPDATE OR FAIL user_subscriptions SET state = 'INACTIVE', inactive_reason = ?1 \
              WHERE state = 'ACTIVE' AND subscription_key IN (SELECT value FROM json_each(?2))",
