@@ -118,6 +118,27 @@ pub struct ServeArgs {
     #[arg(long, env = "G2W_DISABLE_AFTER", default_value = "24h", value_parser = parse_duration)]
     pub disable_after: Duration,
 
+    /// How long a client has to send a request's headers; past it the connection is closed.
+    #[arg(long, env = "G2W_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a request may take from its headers to its answer (body and callback checks included); past it
+    /// the answer is 408.
+    #[arg(long, env = "G2W_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Allow `--dev` on an address that is not loopback (it turns on private callback URLs and prints tokens).
+    #[arg(long, env = "G2W_DEV_ALLOW_REMOTE")]
+    pub dev_allow_remote: bool,
+
+    /// Most webhooks one application may have; past it creating one answers 409.
+    #[arg(long, env = "G2W_MAX_WEBHOOKS_PER_APP", default_value_t = 1000)]
+    pub max_webhooks_per_app: i64,
+
+    /// Most user subscriptions one organizer may have in one application; past it creating one answers 409.
+    #[arg(long, env = "G2W_MAX_SUBSCRIPTIONS_PER_ORGANIZER", default_value_t = 1000)]
+    pub max_subscriptions_per_organizer: i64,
+
     /// How long a callback URL has to answer the validation GET.
     #[arg(long, env = "G2W_CALLBACK_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub callback_check_timeout: Duration,

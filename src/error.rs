@@ -26,6 +26,9 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The request did not arrive in full within `--request-timeout`.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// Past `--rate-limit`: 429 with `Retry-After`.
     #[error("{0}")]
     TooManyRequests(String),
@@ -91,8 +94,16 @@ impl Error {
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
             Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+            Error::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
+            // The connection could not be made or broke mid-conversation (a TLS negotiation cut short reads as
+            // a protocol error): the database is away, not the request wrong.
             Error::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::WorkerCrashed,
             ) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
             Error::Sqlite(rusqlite::Error::SqliteFailure(e, _))
                 if matches!(
@@ -119,9 +130,11 @@ impl IntoResponse for Error {
         let description = if status.is_server_error() {
             // Internal detail goes to the log under the incident id, never to the client.
             tracing::error!(%incident, error = %self, "request failed");
-            match (self, status) {
-                (Error::Unavailable(msg), _) => msg,
-                (_, StatusCode::SERVICE_UNAVAILABLE) => "the database is unavailable; try again".to_string(),
+            // Never the driver's text: the same words for every 503, and for every 500.
+            match status {
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    "the service is unavailable for a moment (its database); try again".to_string()
+                }
                 _ => "internal error; quote the incident id when reporting it".to_string(),
             }
         } else {

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::net::TcpListener;
@@ -125,6 +124,16 @@ pub async fn run(
         outbound::Policy::Public
     };
     let mut admin_token = args.admin_token.clone().filter(|t| !t.is_empty());
+    let addr = listener.local_addr()?;
+    if args.dev && http::serve::beyond_loopback(addr) {
+        if !args.dev_allow_remote {
+            anyhow::bail!(
+                "--dev on {addr}, which is not loopback, would let anyone who reaches it use private callback \
+                 URLs and the printed tokens; listen on 127.0.0.1, or add --dev-allow-remote to mean it"
+            );
+        }
+        tracing::warn!(%addr, "dev mode on an address beyond this machine (--dev-allow-remote): private callback URLs are allowed and the dev tokens work from anywhere that reaches it");
+    }
     if args.dev {
         let dev = dev_tokens(&store).await?;
         let admin = admin_token.get_or_insert(dev.admin).clone();
@@ -162,6 +171,11 @@ pub async fn run(
         engine,
         policy,
         check_client: outbound::client(policy, args.callback_check_timeout, 4),
+        check_timeout: args.callback_check_timeout,
+        limits: http::Limits {
+            webhooks_per_app: args.max_webhooks_per_app,
+            subscriptions_per_organizer: args.max_subscriptions_per_organizer,
+        },
         admin_token_hash: admin_token.as_deref().map(domain::token::digest),
         rate_limit: args.rate_limit.map(|n| Arc::new(http::limit::RateLimit::new(n))),
     };
@@ -169,17 +183,9 @@ pub async fn run(
         Role::Worker => http::ops_app(state),
         _ => http::app(state),
     };
-    tracing::info!(addr = %listener.local_addr()?, ?role, "listening");
-    let stop = shutdown.clone();
-    // Answers go out as soon as they are written: no Nagle delay on keep-alive connections.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await?;
+    let app = http::serve::with_request_timeout(app, args.request_timeout);
+    tracing::info!(%addr, ?role, "listening");
+    http::serve::serve(listener, app, args.header_timeout, shutdown.clone()).await;
     if let Some(w) = workers {
         w.await?;
     }

@@ -83,10 +83,24 @@ pub fn parse<T: DeserializeOwned>(value: Value, at: &str) -> Result<T, Error> {
     })
 }
 
-/// A body that is one object or an array of them; `true` when it was an array.
+/// Most items one management request may carry (create, update or delete).
+pub const MAX_ITEMS: usize = 100;
+
+/// Refuses an array of more than `MAX_ITEMS`.
+pub fn at_most_max_items(len: usize) -> Result<(), Error> {
+    if len > MAX_ITEMS {
+        return Err(Error::bad_request(format!(
+            "body: {len} items; a request carries at most {MAX_ITEMS}"
+        )));
+    }
+    Ok(())
+}
+
+/// A body that is one object or an array of them (at most `MAX_ITEMS`); `true` when it was an array.
 pub fn one_or_many<T: DeserializeOwned>(value: Value) -> Result<(Vec<T>, bool), Error> {
     match value {
         Value::Array(items) => {
+            at_most_max_items(items.len())?;
             let parsed = items
                 .into_iter()
                 .enumerate()

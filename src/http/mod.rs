@@ -21,8 +21,16 @@ use crate::store::DynStore;
 pub mod admin;
 pub mod extract;
 pub mod limit;
+pub mod serve;
 pub mod subscriptions;
 pub mod webhooks;
+
+/// How much one tenant may create.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub webhooks_per_app: i64,
+    pub subscriptions_per_organizer: i64,
+}
 
 /// The contract's base path.
 pub const API_BASE: &str = "/G2W/rest/v2";
@@ -35,6 +43,9 @@ pub struct AppState {
     pub policy: Policy,
     /// Client for callback validation GETs.
     pub check_client: reqwest::Client,
+    /// How long one validation GET may take.
+    pub check_timeout: std::time::Duration,
+    pub limits: Limits,
     /// SHA-256 of the admin token; None disables the admin API. (Inline: the state is cloned per request.)
     pub admin_token_hash: Option<[u8; 32]>,
     /// GoTo's per-token request limit, when `--rate-limit` is set.
@@ -93,7 +104,10 @@ async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Error {
 async fn readyz(State(state): State<AppState>) -> Result<&'static str> {
     match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => Ok("ready"),
-        Ok(Err(e)) => Err(Error::Unavailable(format!("the database does not answer: {e}"))),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the database does not answer");
+            Err(Error::Unavailable("the database does not answer".into()))
+        }
         Err(_) => Err(Error::Unavailable("the database does not answer within 2 s".into())),
     }
 }
@@ -112,11 +126,42 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Runs the address rules and the validation GET on each distinct callback URL.
+/// Validation GETs of one request running at once.
+const CHECKS_AT_ONCE: usize = 8;
+
+/// Runs the address rules and the validation GET on each distinct callback URL: the rules first, for all of
+/// them, then the GETs, `CHECKS_AT_ONCE` at a time, under one deadline (three check timeouts) for the lot. The
+/// error is the first URL's, in order, that failed.
 pub async fn validate_callbacks<'a>(state: &AppState, urls: impl Iterator<Item = &'a str>) -> Result<()> {
     let distinct: BTreeSet<&str> = urls.collect();
-    for url in distinct {
-        outbound::validate(&state.check_client, url, state.policy).await?;
+    for url in &distinct {
+        outbound::check_url(url, state.policy)?;
     }
-    Ok(())
+    let slots = Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE));
+    let mut checks = tokio::task::JoinSet::new();
+    for (i, url) in distinct.iter().enumerate() {
+        let (client, url, policy, slots) = (state.check_client.clone(), url.to_string(), state.policy, slots.clone());
+        checks.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            (i, outbound::validate(&client, &url, policy).await)
+        });
+    }
+    let deadline = state.check_timeout * 3;
+    let mut failed: Option<(usize, Error)> = None;
+    let all = async {
+        while let Some(done) = checks.join_next().await {
+            if let Ok((i, Err(e))) = done {
+                if failed.as_ref().is_none_or(|(first, _)| i < *first) {
+                    failed = Some((i, e));
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(deadline, all).await.is_err() {
+        return Err(Error::InvalidCallbackUrl(format!(
+            "callbackUrl: the validation GETs of this request did not all answer within {} s",
+            deadline.as_secs()
+        )));
+    }
+    failed.map_or(Ok(()), |(_, e)| Err(e))
 }

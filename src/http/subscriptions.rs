@@ -165,7 +165,10 @@ async fn create_subscription(State(state): State<AppState>, Auth(t): Auth, body:
             state: i.user_subscription_state.unwrap_or(SubState::Active),
         })
         .collect();
-    let created = state.store.create_subscriptions(t, new).await?;
+    let created = state
+        .store
+        .create_subscriptions(t, new, state.limits.subscriptions_per_organizer)
+        .await?;
     if is_array {
         return Ok((StatusCode::OK, Json(embedded(created))).into_response());
     }

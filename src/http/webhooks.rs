@@ -133,7 +133,12 @@ async fn create_webhook(State(state): State<AppState>, Auth(t): Auth, body: Json
             secret_key: i.secret_key,
         })
         .collect();
-    let created = dtos(state.store.create_webhooks(t.app_id, new).await?);
+    let created = dtos(
+        state
+            .store
+            .create_webhooks(t.app_id, new, state.limits.webhooks_per_app)
+            .await?,
+    );
     if is_array {
         Ok((StatusCode::OK, Json(list(created))).into_response())
     } else {
@@ -210,6 +215,7 @@ pub fn keys_of(body: JsonBody, field: &str) -> Result<Vec<String>> {
         serde_json::Value::Array(items) => items,
         other => vec![other],
     };
+    super::extract::at_most_max_items(items.len())?;
     items
         .into_iter()
         .enumerate()

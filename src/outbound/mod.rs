@@ -16,6 +16,9 @@ pub use client::{Answer, DeliveryClient, SendError};
 pub use resolve::{lookup, DNS_TIMEOUT};
 pub use validate::{client, validate};
 
+/// Longest callback URL, in bytes (what browsers and most proxies take).
+pub const MAX_URL: usize = 2048;
+
 /// What callback URLs may point at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
@@ -63,6 +66,12 @@ pub fn is_internal(ip: IpAddr) -> bool {
 
 /// Parses a callback URL and applies the scheme and literal-address rules. Names are checked when resolved.
 pub fn check_url(raw: &str, policy: Policy) -> Result<Url, Error> {
+    if raw.len() > MAX_URL {
+        return Err(Error::InvalidCallbackUrl(format!(
+            "callbackUrl: {} bytes; at most {MAX_URL}",
+            raw.len()
+        )));
+    }
     let bad = |why: String| Error::InvalidCallbackUrl(format!("callbackUrl {raw}: {why}"));
     let url = Url::parse(raw).map_err(|e| bad(format!("not an absolute URL ({e})")))?;
     match (url.scheme(), policy) {

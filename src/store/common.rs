@@ -250,9 +250,19 @@ impl Store for $store {
             .collect()
     }
 
-    async fn create_webhooks(&self, app_id: i64, new: Vec<NewWebhook>) -> Result<Vec<Webhook>> {
+    async fn create_webhooks(&self, app_id: i64, new: Vec<NewWebhook>, max: i64) -> Result<Vec<Webhook>> {
         let mut tx = self.write.begin().await?;
         let now = now_ms();
+        let has: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhooks WHERE app_id = $1")
+            .bind(app_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if has + new.len() as i64 > max {
+            return Err(Error::Conflict(format!(
+                "the application has {has} webhooks; {} more would pass the most it may have, {max}",
+                new.len()
+            )));
+        }
         let mut keys = Vec::with_capacity(new.len());
         for w in &new {
             let key = new_key();
@@ -396,9 +406,27 @@ impl Store for $store {
         Ok(())
     }
 
-    async fn create_subscriptions(&self, tenant: Tenant, new: Vec<NewSubscription>) -> Result<Vec<Subscription>> {
+    async fn create_subscriptions(
+        &self,
+        tenant: Tenant,
+        new: Vec<NewSubscription>,
+        max: i64,
+    ) -> Result<Vec<Subscription>> {
         let mut tx = self.write.begin().await?;
         let now = now_ms();
+        let has: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM user_subscriptions WHERE app_id = $1 AND organizer_key = $2")
+                .bind(tenant.app_id)
+                .bind(tenant.organizer_key)
+                .fetch_one(&mut *tx)
+                .await?;
+        if has + new.len() as i64 > max {
+            return Err(Error::Conflict(format!(
+                "the organizer has {has} subscriptions in this application; {} more would pass the most it may \
+                 have, {max}",
+                new.len()
+            )));
+        }
         let mut keys = Vec::with_capacity(new.len());
         for s in &new {
             let exists: Option<String> =

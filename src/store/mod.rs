@@ -91,7 +91,8 @@ pub trait Store: Send + Sync + 'static {
     async fn secret_keys(&self, app_id: i64) -> Result<Vec<SecretKey>>;
 
     // --- webhooks (scoped to the application) ---
-    async fn create_webhooks(&self, app_id: i64, new: Vec<NewWebhook>) -> Result<Vec<Webhook>>;
+    /// Creates them all or none; Conflict when the application would have more than `max` webhooks.
+    async fn create_webhooks(&self, app_id: i64, new: Vec<NewWebhook>, max: i64) -> Result<Vec<Webhook>>;
     async fn get_webhook(&self, app_id: i64, key: &str) -> Result<Option<Webhook>>;
     async fn list_webhooks(&self, app_id: i64) -> Result<Vec<Webhook>>;
     /// Applies every change or none; NotFound names the first key the application does not own.
@@ -100,7 +101,14 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_webhooks(&self, app_id: i64, keys: &[String]) -> Result<()>;
 
     // --- user subscriptions (scoped to application and organizer) ---
-    async fn create_subscriptions(&self, tenant: Tenant, new: Vec<NewSubscription>) -> Result<Vec<Subscription>>;
+    /// Creates them all or none; Conflict when the organizer would have more than `max` subscriptions in the
+    /// application.
+    async fn create_subscriptions(
+        &self,
+        tenant: Tenant,
+        new: Vec<NewSubscription>,
+        max: i64,
+    ) -> Result<Vec<Subscription>>;
     async fn get_subscription(&self, tenant: Tenant, key: &str) -> Result<Option<Subscription>>;
     async fn list_subscriptions(&self, tenant: Tenant) -> Result<Vec<Subscription>>;
     async fn update_subscriptions(&self, tenant: Tenant, changes: Vec<SubscriptionChange>) -> Result<()>;
@@ -142,6 +150,10 @@ pub trait Store: Send + Sync + 'static {
     /// How long the store's group commits of the delivery path take, for `/metrics`.
     fn commit_durations(&self) -> &Histogram;
 }
+
+/// `/readyz`'s write: one small row rewritten, committed.
+pub(crate) const PROVE_WRITES: &str =
+    "INSERT INTO meta (key, value) VALUES ('ready_at', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// A committed change the engine must hear of.
 #[derive(Debug, Clone, Copy)]

@@ -221,6 +221,14 @@ async fn a_node_recovers_when_its_database_returns() {
         503,
         "publishing while the database is away is refused, not half-done"
     );
+    // The answers say what to do, never the driver's words.
+    let ready = app.http.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    for body in [res.json::<Value>().await.unwrap(), ready.json::<Value>().await.unwrap()] {
+        assert_eq!(
+            body["description"], "the service is unavailable for a moment (its database); try again",
+            "{body}"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     proxy.up();
@@ -371,4 +379,37 @@ async fn claims_lease_deliveries_in_place() {
     );
     worker.stop().await;
     publisher.stop().await;
+}
+
+/// With `sslmode=require` in the URL, PostgreSQL connections are encrypted (CI runs the PostgreSQL tests once
+/// that way); without it they are plain where the server allows.
+#[tokio::test]
+async fn postgres_connections_use_tls_when_the_url_asks() {
+    let Some(url) = postgres("postgres_connections_use_tls_when_the_url_asks") else {
+        return;
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let pool = sqlx::PgPool::connect(&format!("{url}{sep}sslmode=require"))
+        .await
+        .unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ssl, "sslmode=require gave a connection without TLS");
+    // The service itself opens its store over TLS the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let db = Backend::Postgres(format!("{url}{sep}sslmode=require"))
+        .fresh_url(dir.path())
+        .await;
+    let app = TestApp::start_on_url(db, dir).await;
+    assert_eq!(
+        app.http
+            .get(format!("{}/readyz", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

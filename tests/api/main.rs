@@ -10,6 +10,7 @@ mod compat;
 mod crash;
 mod delivery;
 mod lifecycle;
+mod limits;
 mod listen;
 mod management;
 mod openapi;

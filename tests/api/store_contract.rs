@@ -52,6 +52,7 @@ async fn subscribed(s: &DynStore, app: &str, organizer: i64, event: EventName) -
                 callback_url: format!("https://{app}.example/{organizer}"),
                 secret_key: None,
             }],
+            1000,
         )
         .await
         .unwrap()
@@ -74,6 +75,7 @@ async fn subscribed(s: &DynStore, app: &str, organizer: i64, event: EventName) -
                 callback_url: None,
                 state: State::Active,
             }],
+            1000,
         )
         .await
         .unwrap()

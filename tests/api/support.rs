@@ -391,6 +391,7 @@ struct ReceiverState {
     received: Arc<Mutex<Vec<Received>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     get_status: Arc<Mutex<u16>>,
+    get_delay: Arc<Mutex<Duration>>,
 }
 
 pub struct Receiver {
@@ -410,6 +411,7 @@ impl Receiver {
             received: Arc::default(),
             behaviour: Arc::new(Mutex::new(Arc::new(|_| (200, vec![], Duration::ZERO)))),
             get_status: Arc::new(Mutex::new(200)),
+            get_delay: Arc::new(Mutex::new(Duration::ZERO)),
         };
         let app = axum::Router::new().fallback(any(handle)).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind receiver");
@@ -436,6 +438,11 @@ impl Receiver {
     /// Answers 200 to every callback; the first answer comes only after `wait`.
     pub fn answer_first_after(&self, wait: Duration) {
         self.respond(move |n| (200, vec![], if n == 0 { wait } else { Duration::ZERO }));
+    }
+
+    /// Answers the validation GET only after `wait`.
+    pub fn answer_get_after(&self, wait: Duration) {
+        *self.state.get_delay.lock().expect("lock") = wait;
     }
 
     pub fn answer_get(&self, status: u16) {
@@ -490,6 +497,8 @@ async fn handle(
 ) -> axum::response::Response {
     if method == axum::http::Method::GET {
         let status = *s.get_status.lock().expect("lock");
+        let wait = *s.get_delay.lock().expect("lock");
+        tokio::time::sleep(wait).await;
         return StatusCode::from_u16(status).unwrap_or(StatusCode::OK).into_response();
     }
     let n = {

@@ -177,6 +177,11 @@ sql_store!(PgStore, Postgres, PgRow, {
             return Err(Error::Unavailable("the publish committers have stopped".into()));
         }
         sqlx::query("SELECT 1").execute(&self.read).await?;
+        // Reads can work while writes fail (a full disk, a read-only standby): a write proves the write path.
+        sqlx::query(PROVE_WRITES)
+            .bind(now_ms().to_string())
+            .execute(&self.write)
+            .await?;
         Ok(())
     }
 

@@ -156,6 +156,11 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
             return Err(Error::Unavailable("the database writer has stopped".into()));
         }
         sqlx::query("SELECT 1").execute(&self.read).await?;
+        // Reads can work while writes fail (a full disk): a write that commits proves the write path.
+        sqlx::query(PROVE_WRITES)
+            .bind(now_ms().to_string())
+            .execute(&self.write)
+            .await?;
         Ok(())
     }
 
