@@ -3,31 +3,40 @@
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::config::{AdminClientArgs, Command, DeliveriesCommand, TokenCommand, TriggerArgs};
+use crate::config::{AdminClientArgs, Command, DeliveriesCommand, SecretsCommand, TokenCommand, TriggerArgs};
 use crate::domain::token;
 use crate::domain::{format_ms, now_ms, EventName};
-use crate::store;
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Secrets(SecretsCommand::NewKey { id }) => {
+            println!("{}", crate::store::sealed::Keyring::generate(&id));
+            Ok(())
+        }
+        Command::Secrets(SecretsCommand::Rekey(db)) => {
+            let store = db.open(1, crate::config::Durability::Full).await?;
+            let n = store.reseal_secrets(true).await?;
+            eprintln!("{n} secrets sealed again with the newest key");
+            Ok(())
+        }
         Command::Migrate(db) => {
-            store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
+            db.open_without_secrets().await?;
             eprintln!("database is up to date");
             Ok(())
         }
         Command::DevTokens(db) => {
-            let store = store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
+            let store = db.open_without_secrets().await?;
             let dev = crate::dev_tokens(&store).await?;
             println!("export G2W_TOKEN={} G2W_ADMIN_TOKEN={}", dev.bearer, dev.admin);
             Ok(())
         }
         Command::Token(TokenCommand::Create { app, organizer, db }) => {
-            let store = store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
+            let store = db.open_without_secrets().await?;
             println!("{}", crate::issue_token(&store, &app, organizer).await?);
             Ok(())
         }
         Command::Token(TokenCommand::Revoke { token, db }) => {
-            let store = store::connect(&db.database_url, 1, crate::config::Durability::Full).await?;
+            let store = db.open_without_secrets().await?;
             if !store.revoke_token(&token::hash(token.trim())).await? {
                 bail!("no live token matches");
             }

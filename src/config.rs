@@ -62,6 +62,9 @@ pub enum Command {
         /// File holding the raw body; `-` or nothing reads stdin.
         file: Option<String>,
     },
+    /// The keys that seal stored secrets.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// Deliver every delivery of an event again.
     Redeliver {
         /// The event's eventKey.
@@ -71,11 +74,43 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Print a new key as `--secrets-keys` takes it (put it first; keep the old ones until `rekey` is done).
+    NewKey {
+        /// The key's id.
+        #[arg(long, default_value = "k1")]
+        id: String,
+    },
+    /// Seal every stored secret again with the newest key (in batches, while the server runs; run it again to
+    /// go on after a stop). Then the older keys can leave the keyring.
+    Rekey(DbArgs),
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
     /// Database URL: `sqlite://FILE` (embedded default) or `postgres://...` for several nodes.
     #[arg(long, env = "G2W_DATABASE_URL", default_value = "sqlite://g2w-webhooks.db")]
     pub database_url: String,
+    /// Keys that seal the stored secrets, newest first: `ID:BASE64,...` (32 bytes each; `secrets new-key` makes
+    /// one). Without it a SQLite database uses the key file beside it (`FILE.secrets`, made on first start);
+    /// PostgreSQL needs it.
+    #[arg(long, env = "G2W_SECRETS_KEYS", hide_env_values = true)]
+    pub secrets_keys: Option<String>,
+}
+
+impl DbArgs {
+    /// The database these name, opened with their keyring.
+    pub async fn open(&self, pool: u32, durability: Durability) -> crate::error::Result<crate::store::DynStore> {
+        let ring = crate::store::keyring_for(&self.database_url, self.secrets_keys.as_deref())?;
+        crate::store::connect(&self.database_url, pool, durability, std::sync::Arc::new(ring)).await
+    }
+
+    /// The database these name, for a command that reads no secret (tokens, migrations): no keyring needed.
+    pub async fn open_without_secrets(&self) -> crate::error::Result<crate::store::DynStore> {
+        let ring = std::sync::Arc::new(crate::store::sealed::Keyring::none());
+        crate::store::connect(&self.database_url, 1, Durability::Full, ring).await
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -105,9 +105,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let store = store::connect(&args.db.database_url, args.db_pool, args.sqlite_synchronous)
+    let store = args
+        .db
+        .open(args.db_pool, args.sqlite_synchronous)
         .await
         .context("opening the database")?;
+    // Secrets stored before sealing are sealed now (a key the keyring lacks stops the start, naming it).
+    let sealed = store.reseal_secrets(false).await.context("sealing stored secrets")?;
+    if sealed > 0 {
+        tracing::info!(sealed, "sealed secrets that were stored in the clear");
+    }
     if args.db.database_url.starts_with("sqlite:") {
         // One process owns a SQLite file: whatever a previous run left leased was in flight when it stopped.
         let resumed = store.release_leases(None).await?;

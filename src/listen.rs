@@ -211,7 +211,7 @@ async fn unsubscribe(args: &ListenArgs, keys: &[String]) -> anyhow::Result<()> {
 pub async fn listen(args: ListenArgs) -> anyhow::Result<()> {
     let mut secrets = args.secret.clone();
     if let Some(app) = &args.app {
-        let store = crate::store::connect(&args.db.database_url, 1, crate::config::Durability::Full).await?;
+        let store = args.db.open(1, crate::config::Durability::Full).await?;
         let app_id = store.ensure_app(app).await?;
         secrets.extend(store.secret_keys(app_id).await?.into_iter().map(|k| k.value));
         if secrets.is_empty() {

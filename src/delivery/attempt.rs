@@ -184,7 +184,7 @@ mod tests {
             url,
             body: bytes::Bytes::from_static(b"{}"),
             webhook_key: "w".into(),
-            webhook_secret: None,
+            own_secret: false,
             attempts: 0,
             lease_until: i64::MAX,
             updated_at: 0,

@@ -31,15 +31,41 @@ enum Cached {
     Missing,
 }
 
-/// The applications' keys as last read.
+/// Most webhooks' own keys kept; past it the cache starts over.
+const WEBHOOK_CACHE: usize = 10_000;
+
+/// The applications' keys as last read, and the webhooks' own (which never change).
 #[derive(Default)]
 pub(crate) struct Keys {
     cache: Mutex<HashMap<i64, CachedKeys>>,
+    webhooks: Mutex<HashMap<String, Arc<String>>>,
     /// Held while an application's keys are read for the first time, so its attempts wait for one read.
     loading: tokio::sync::Mutex<()>,
 }
 
 impl Keys {
+    /// A webhook's own secret key, opened, read once (it cannot change; a deleted webhook's deliveries are
+    /// cancelled before they get here).
+    pub async fn webhook(&self, store: &DynStore, webhook_key: &str) -> Result<Option<String>> {
+        if let Some(k) = self
+            .webhooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(webhook_key)
+        {
+            return Ok(Some(k.as_ref().clone()));
+        }
+        let Some(secret) = store.webhook_secret(webhook_key).await? else {
+            return Ok(None);
+        };
+        let mut cache = self.webhooks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= WEBHOOK_CACHE {
+            cache.clear();
+        }
+        cache.insert(webhook_key.to_string(), Arc::new(secret.clone()));
+        Ok(Some(secret))
+    }
+
     /// Forgets the cached keys of an application (`None`: of every application) after its keys changed.
     pub fn changed(&self, app_id: Option<i64>) {
         let mut keys = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

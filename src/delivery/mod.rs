@@ -265,22 +265,22 @@ impl Engine {
                 return attempt.run(job, Err(why.clone()), Err(why)).await;
             }
         };
-        let (standing, url, webhook_secret) = match &fresh {
-            None => (job.standing, job.url.as_str(), job.webhook_secret.as_deref()),
-            Some(r) => (
-                r.standing,
-                r.url.as_deref().unwrap_or(&job.url),
-                r.webhook_secret.as_deref(),
-            ),
+        let (standing, url, own_secret) = match &fresh {
+            None => (job.standing, job.url.as_str(), job.own_secret),
+            Some(r) => (r.standing, r.url.as_deref().unwrap_or(&job.url), r.own_secret),
         };
         match standing {
             Standing::Active => {}
             Standing::Inactive => return self.not_sent(job, Outcome::Paused),
             Standing::Gone(why) => return self.not_sent(job, Outcome::Cancelled(why)),
         }
-        let key = match webhook_secret {
-            Some(k) => Ok(k.to_string()),
-            None => match self.keys.current(&self.store, job.app_id).await {
+        let key = match own_secret {
+            true => match self.keys.webhook(&self.store, &job.webhook_key).await {
+                Ok(Some(k)) => Ok(k),
+                Ok(None) => Err("the webhook's own secret key is gone".to_string()),
+                Err(e) => Err(format!("the webhook's secret key could not be read: {e}")),
+            },
+            false => match self.keys.current(&self.store, job.app_id).await {
                 Ok(Some(k)) => Ok(k),
                 Ok(None) => Err(
                     "the application has no secret key valid now (POST /webhooks/secretkey creates \

@@ -43,8 +43,9 @@ pub struct DeliveryJob {
     /// The callback URL as the subscription and webhook said when the job was read.
     pub url: String,
     pub body: Bytes,
-    /// The webhook's own secret key, which takes precedence over the application's.
-    pub webhook_secret: Option<String>,
+    /// The webhook has a secret key of its own, which signs instead of the application's (read, opened, when
+    /// needed: secrets are stored sealed and never travel with jobs).
+    pub own_secret: bool,
     /// Attempts made before this one.
     pub attempts: i64,
     /// This node's lease on the delivery ends then (ms); an attempt that could outlive it is not started.
@@ -102,7 +103,8 @@ impl Cancel {
 pub struct Route {
     pub standing: Standing,
     pub url: Option<String>,
-    pub webhook_secret: Option<String>,
+    /// The webhook has a secret key of its own.
+    pub own_secret: bool,
 }
 
 /// How an attempt ended and what happens next.

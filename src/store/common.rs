@@ -27,26 +27,52 @@ impl $store {
             .bind(key)
             .fetch_all(&self.read)
             .await?;
-        rows.iter().map(subscription_from_row).collect()
+        rows.iter().map(|r| subscription_from_row(r, &self.ring)).collect()
+    }
+
+    /// Adds a secret key to the application, sealed for its row; in the caller's transaction.
+    async fn insert_secret_key(
+        &self,
+        tx: &mut sqlx::Transaction<'_, $db>,
+        app_id: i64,
+        value: &str,
+        valid_from: i64,
+    ) -> Result<i64> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO secret_keys (app_id, value, valid_from, created_at) VALUES ($1, '', $2, $3) RETURNING id",
+        )
+        .bind(app_id)
+        .bind(valid_from)
+        .bind(now_ms())
+        .fetch_one(&mut **tx)
+        .await?;
+        sqlx::query("UPDATE secret_keys SET value = $1 WHERE id = $2")
+            .bind(self.ring.seal(&sealed::secret_key_row(id), value)?)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(id)
     }
 }
 
-fn webhook_from_row(row: &$row) -> Result<Webhook> {
+fn webhook_from_row(row: &$row, ring: &Keyring) -> Result<Webhook> {
     let name: String = row.try_get("w_event_name")?;
     let state: String = row.try_get("w_state")?;
+    let key: String = row.try_get("w_key")?;
+    let secret: Option<String> = row.try_get("w_secret_key")?;
     Ok(Webhook {
-        key: row.try_get("w_key")?,
+        secret_key: secret.map(|s| ring.open(&sealed::webhook_row(&key), &s)).transpose()?,
+        key,
         event_name: EventName::parse(&name).ok_or_else(|| Error::Internal(format!("stored event name `{name}`")))?,
         event_version: row.try_get("w_event_version")?,
         callback_url: row.try_get("w_callback_url")?,
         state: State::parse(&state),
-        secret_key: row.try_get("w_secret_key")?,
         created_at: row.try_get("w_created_at")?,
     })
 }
 
-fn subscription_from_row(row: &$row) -> Result<Subscription> {
-    let webhook = webhook_from_row(row)?;
+fn subscription_from_row(row: &$row, ring: &Keyring) -> Result<Subscription> {
+    let webhook = webhook_from_row(row, ring)?;
     let state: String = row.try_get("state")?;
     Ok(Subscription {
         key: row.try_get("subscription_key")?,
@@ -216,15 +242,9 @@ impl Store for $store {
     }
 
     async fn create_secret_key(&self, app_id: i64, value: &str, valid_from: i64) -> Result<SecretKey> {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO secret_keys (app_id, value, valid_from, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(app_id)
-        .bind(value)
-        .bind(valid_from)
-        .bind(now_ms())
-        .fetch_one(&self.write)
-        .await?;
+        let mut tx = self.write.begin().await?;
+        let id = self.insert_secret_key(&mut tx, app_id, value, valid_from).await?;
+        tx.commit().await?;
         self.changed(Changed::Keys(app_id)).await;
         Ok(SecretKey {
             id,
@@ -241,9 +261,11 @@ impl Store for $store {
                 .await?;
         rows.iter()
             .map(|r| {
+                let id: i64 = r.try_get("id")?;
+                let value: String = r.try_get("value")?;
                 Ok(SecretKey {
-                    id: r.try_get("id")?,
-                    value: r.try_get("value")?,
+                    id,
+                    value: self.ring.open(&sealed::secret_key_row(id), &value)?,
                     valid_from: r.try_get("valid_from")?,
                 })
             })
@@ -275,7 +297,12 @@ impl Store for $store {
             .bind(w.event_name.as_str())
             .bind(&w.event_version)
             .bind(&w.callback_url)
-            .bind(&w.secret_key)
+            .bind(
+                w.secret_key
+                    .as_deref()
+                    .map(|s| self.ring.seal(&sealed::webhook_row(&key), s))
+                    .transpose()?,
+            )
             .bind(now)
             .execute(&mut *tx)
             .await;
@@ -287,18 +314,17 @@ impl Store for $store {
         }
         // No delivery leaves unsigned: an application that has no key valid now gets one with its first
         // webhook. `POST /webhooks/secretkey` rotates it (the new key is returned and signs from its validFrom).
-        let first_key = sqlx::query(
-            "INSERT INTO secret_keys (app_id, value, valid_from, created_at) SELECT $1, $2, $3, $3 \
-             WHERE NOT EXISTS (SELECT 1 FROM secret_keys WHERE app_id = $1 AND valid_from <= $3)",
-        )
-        .bind(app_id)
-        .bind(new_key())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let has_key: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM secret_keys WHERE app_id = $1 AND valid_from <= $2 LIMIT 1")
+                .bind(app_id)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if has_key.is_none() {
+            self.insert_secret_key(&mut tx, app_id, &new_key(), now).await?;
+        }
         tx.commit().await?;
-        if first_key > 0 {
+        if has_key.is_none() {
             self.changed(Changed::Keys(app_id)).await;
         }
         let mut out = Vec::with_capacity(keys.len());
@@ -319,14 +345,14 @@ impl Store for $store {
             .bind(key)
             .fetch_optional(&self.read)
             .await?;
-        row.as_ref().map(webhook_from_row).transpose()
+        row.as_ref().map(|r| webhook_from_row(r, &self.ring)).transpose()
     }
 
     async fn list_webhooks(&self, app_id: i64) -> Result<Vec<Webhook>> {
         let sql =
             format!("SELECT {WEBHOOK_COLS} FROM webhooks w WHERE w.app_id = $1 ORDER BY w.created_at, w.webhook_key");
         let rows = sqlx::query(&sql).bind(app_id).fetch_all(&self.read).await?;
-        rows.iter().map(webhook_from_row).collect()
+        rows.iter().map(|r| webhook_from_row(r, &self.ring)).collect()
     }
 
     async fn update_webhooks(&self, app_id: i64, changes: Vec<WebhookChange>) -> Result<()> {
@@ -661,6 +687,92 @@ impl Store for $store {
         Ok(q.execute(&self.write).await?.rows_affected())
     }
 
+    async fn webhook_secret(&self, webhook_key: &str) -> Result<Option<String>> {
+        let stored: Option<Option<String>> =
+            sqlx::query_scalar("SELECT secret_key FROM webhooks WHERE webhook_key = $1")
+                .bind(webhook_key)
+                .fetch_optional(&self.read)
+                .await?;
+        stored
+            .flatten()
+            .map(|s| self.ring.open(&sealed::webhook_row(webhook_key), &s))
+            .transpose()
+    }
+
+    async fn reseal_secrets(&self, every: bool) -> Result<u64> {
+        let newest = self
+            .ring
+            .newest_id()
+            .ok_or_else(|| Error::Config("no secrets key: start with --secrets-keys".into()))?
+            .to_string();
+        // Plain rows (from before sealing), or with `every` also those sealed with an older key; in batches,
+        // each its own transaction, so a rekey stopped half-way goes on where it stopped.
+        // A value sealed with a key the keyring lacks stops it, named: nothing could open it.
+        let wanted = |v: &Option<String>| -> Result<bool> {
+            Ok(match v.as_deref() {
+                None | Some("") => false,
+                Some(v) => match Keyring::sealed_with(v) {
+                    None => true,
+                    Some(id) if !self.ring.has(id) => {
+                        return Err(Error::Config(format!(
+                            "stored secrets are sealed with key {id}, which is not in the keyring: add it to \
+                             --secrets-keys (after the newest)"
+                        )))
+                    }
+                    Some(id) => every && id != newest,
+                },
+            })
+        };
+        let mut done = 0;
+        loop {
+            let mut tx = self.write.begin().await?;
+            let mut n = 0;
+            let keys = sqlx::query("SELECT id, value FROM secret_keys WHERE value NOT LIKE $1 ORDER BY id LIMIT 500")
+                .bind(format!("g2w1:{newest}:%"))
+                .fetch_all(&mut *tx)
+                .await?;
+            for r in &keys {
+                let (id, value): (i64, Option<String>) = (r.try_get("id")?, r.try_get("value")?);
+                if wanted(&value)? {
+                    let row = sealed::secret_key_row(id);
+                    let plain = self.ring.open(&row, value.as_deref().unwrap_or_default())?;
+                    sqlx::query("UPDATE secret_keys SET value = $1 WHERE id = $2")
+                        .bind(self.ring.seal(&row, &plain)?)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    n += 1;
+                }
+            }
+            let hooks = sqlx::query(
+                "SELECT webhook_key, secret_key FROM webhooks WHERE secret_key IS NOT NULL AND secret_key NOT LIKE $1 \
+                 ORDER BY webhook_key LIMIT 500",
+            )
+            .bind(format!("g2w1:{newest}:%"))
+            .fetch_all(&mut *tx)
+            .await?;
+            for r in &hooks {
+                let (key, value): (String, Option<String>) = (r.try_get("webhook_key")?, r.try_get("secret_key")?);
+                if wanted(&value)? {
+                    let row = sealed::webhook_row(&key);
+                    let plain = self.ring.open(&row, value.as_deref().unwrap_or_default())?;
+                    sqlx::query("UPDATE webhooks SET secret_key = $1 WHERE webhook_key = $2")
+                        .bind(self.ring.seal(&row, &plain)?)
+                        .bind(&key)
+                        .execute(&mut *tx)
+                        .await?;
+                    n += 1;
+                }
+            }
+            tx.commit().await?;
+            done += n;
+            // A batch that changed nothing has only rows this pass leaves as they are.
+            if n == 0 {
+                return Ok(done);
+            }
+        }
+    }
+
     async fn route(&self, subscription_key: &str, webhook_key: &str) -> Result<Route> {
         let row = sqlx::query(
             "SELECT w.state AS w_state, w.secret_key, s.state AS s_state, \
@@ -676,15 +788,16 @@ impl Store for $store {
             return Ok(Route {
                 standing: Standing::Gone(Cancel::WebhookDeleted),
                 url: None,
-                webhook_secret: None,
+                own_secret: false,
             });
         };
         let w_state: String = row.try_get("w_state")?;
         let s_state: Option<String> = row.try_get("s_state")?;
+        let secret: Option<String> = row.try_get("secret_key")?;
         Ok(Route {
             standing: Standing::of(Some(&w_state), s_state.as_deref()),
             url: row.try_get("url")?,
-            webhook_secret: row.try_get("secret_key")?,
+            own_secret: secret.is_some(),
         })
     }
 

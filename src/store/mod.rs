@@ -1,6 +1,7 @@
 //! Storage: one trait, filled by SQLite (the embedded default) and PostgreSQL (several nodes, one database).
 //! Every management query takes the caller's tenant, so no query can forget whose data it touches.
 
+use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -14,10 +15,12 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::metrics::Histogram;
+use sealed::Keyring;
 
 mod common;
 pub mod postgres;
 pub mod rules;
+pub mod sealed;
 pub mod sqlite;
 
 #[derive(Debug, Clone, Default)]
@@ -132,6 +135,11 @@ pub trait Store: Send + Sync + 'static {
     /// Makes matching deliveries pending and due now; returns how many. Deliveries whose subscription was
     /// deleted are left as they are (nothing to send them to).
     async fn retry_deliveries(&self, filter: RetryTarget<'_>) -> Result<u64>;
+    /// A webhook's own secret key, opened (`None`: it has none; it signs with the application's).
+    async fn webhook_secret(&self, webhook_key: &str) -> Result<Option<String>>;
+    /// Seals the secrets stored before sealing with the newest key of the keyring, and with `every` also those
+    /// sealed with an older key (`secrets rekey`); returns how many. Batched and resumable.
+    async fn reseal_secrets(&self, every: bool) -> Result<u64>;
     /// Where a subscription's deliveries go now (the delivery's webhook key tells a deleted webhook from a
     /// deleted subscription).
     async fn route(&self, subscription_key: &str, webhook_key: &str) -> Result<Route>;
@@ -218,15 +226,44 @@ async fn ask<Op, T>(
 }
 
 /// Opens the store the URL names, creating and migrating it.
-pub async fn connect(url: &str, pool_size: u32, durability: crate::config::Durability) -> Result<DynStore> {
+pub async fn connect(
+    url: &str,
+    pool_size: u32,
+    durability: crate::config::Durability,
+    ring: Arc<Keyring>,
+) -> Result<DynStore> {
     if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(url, pool_size, durability).await?))
+        Ok(Arc::new(
+            sqlite::SqliteStore::open(url, pool_size, durability, ring).await?,
+        ))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        Ok(Arc::new(postgres::PgStore::open(url, pool_size).await?))
+        Ok(Arc::new(postgres::PgStore::open(url, pool_size, ring).await?))
     } else {
         Err(Error::Config(format!(
             "unsupported database URL `{}`: use sqlite://FILE or postgres://...",
             url.split(':').next().unwrap_or_default()
         )))
     }
+}
+
+/// The keyring a database's secrets are sealed with: `spec` (`--secrets-keys`) when given; else, for SQLite, the
+/// key file beside the database (`FILE.secrets`, made on first start); PostgreSQL, shared by nodes that share no
+/// file, needs `spec`.
+pub fn keyring_for(url: &str, spec: Option<&str>) -> Result<Keyring> {
+    if let Some(spec) = spec.filter(|s| !s.trim().is_empty()) {
+        return Keyring::parse(spec);
+    }
+    if url.starts_with("sqlite:") {
+        let path = sqlx::sqlite::SqliteConnectOptions::from_str(url)?
+            .get_filename()
+            .to_path_buf();
+        let mut file = path.into_os_string();
+        file.push(".secrets");
+        return Keyring::from_file(std::path::Path::new(&file));
+    }
+    Err(Error::Config(
+        "PostgreSQL needs --secrets-keys (G2W_SECRETS_KEYS): ID:BASE64 of 32 random bytes, the same on every node; \
+         `g2w-webhooks secrets new-key` prints one"
+            .into(),
+    ))
 }

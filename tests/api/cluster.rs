@@ -111,6 +111,7 @@ fn node(db: &str, port: u16) -> Child {
             "--retry-schedule",
             "100ms,200ms,500ms,1s",
         ])
+        .env("G2W_SECRETS_KEYS", crate::support::TEST_KEYS)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -139,9 +140,14 @@ async fn a_node_killed_mid_run_loses_nothing() {
         })
         .await;
     }
-    let store = g2w_webhooks::store::connect(&db, 2, g2w_webhooks::config::Durability::Full)
-        .await
-        .unwrap();
+    let store = g2w_webhooks::store::connect(
+        &db,
+        2,
+        g2w_webhooks::config::Durability::Full,
+        crate::support::test_keyring(),
+    )
+    .await
+    .unwrap();
     let token = g2w_webhooks::issue_token(&store, "cluster", 1001).await.unwrap();
     let api = format!("http://127.0.0.1:{}/G2W/rest/v2", ports[0]);
     crate::support::subscribe_over_http(&http, &api, &token, "webinar.created", &rx.url).await;
@@ -314,9 +320,14 @@ async fn one_node_at_a_time_prunes() {
     })
     .await;
 
-    let store = g2w_webhooks::store::connect(&url, 2, g2w_webhooks::config::Durability::Full)
-        .await
-        .unwrap();
+    let store = g2w_webhooks::store::connect(
+        &url,
+        2,
+        g2w_webhooks::config::Durability::Full,
+        crate::support::test_keyring(),
+    )
+    .await
+    .unwrap();
     let later = g2w_webhooks::domain::now_ms() + 1000;
     let other = sqlx::PgPool::connect(&url).await.unwrap();
     let mut held = other.begin().await.unwrap();

@@ -14,6 +14,7 @@ mod limits;
 mod listen;
 mod management;
 mod openapi;
+mod secrets;
 mod store_contract;
 mod support;
 mod tenancy;

@@ -29,9 +29,14 @@ async fn open(b: Backend) -> (DynStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = b.fresh_url(dir.path()).await;
     (
-        store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
-            .await
-            .unwrap(),
+        store::connect(
+            &url,
+            4,
+            g2w_webhooks::config::Durability::Normal,
+            crate::support::test_keyring(),
+        )
+        .await
+        .unwrap(),
         dir,
     )
 }
@@ -495,9 +500,14 @@ async fn retention_removes_what_finished_before_the_cutoff_and_nothing_pending(b
 async fn ids_of_removed_deliveries_are_not_given_again_after_a_restart(b: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let url = b.fresh_url(dir.path()).await;
-    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
-        .await
-        .unwrap();
+    let s = store::connect(
+        &url,
+        4,
+        g2w_webhooks::config::Durability::Normal,
+        crate::support::test_keyring(),
+    )
+    .await
+    .unwrap();
     subscribed(&s, "a", 7, EventName::WebinarCreated).await;
     let jobs = publish_leased(&s, vec![event("one", 7), event("two", 7)]).await;
     let newest = jobs.iter().map(|j| j.id).max().unwrap();
@@ -507,9 +517,14 @@ async fn ids_of_removed_deliveries_are_not_given_again_after_a_restart(b: Backen
     assert_eq!(pruned.deliveries, 2);
     drop(s);
 
-    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
-        .await
-        .unwrap();
+    let s = store::connect(
+        &url,
+        4,
+        g2w_webhooks::config::Durability::Normal,
+        crate::support::test_keyring(),
+    )
+    .await
+    .unwrap();
     let again = s
         .publish(vec![event("three", 7)], Some(lease("n", 60_000)))
         .await
@@ -572,9 +587,14 @@ async fn a_database_from_before_delivery_id_ranges_finds_its_events_deliveries(b
           ('other', 'webinar.created', 1, 'w', 's1', 'https://a.example/', 'delivered', 100, 100, 100), \
           ('two', 'webinar.created', 1, 'w', 's2', 'https://a.example/', 'failed', 100, 100, 100)";
     write_rows(&b, &url, Some((5, 8)), rows).await;
-    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
-        .await
-        .unwrap();
+    let s = store::connect(
+        &url,
+        4,
+        g2w_webhooks::config::Durability::Normal,
+        crate::support::test_keyring(),
+    )
+    .await
+    .unwrap();
     let of = |key: &str| DeliveryFilter {
         event_key: Some(key.into()),
         limit: 100,
@@ -660,9 +680,14 @@ async fn listing_by_creation_time_finds_every_delivery_in_the_window(b: Backend)
         values.join(", ")
     );
     write_rows(&b, &url, None, &rows).await;
-    let s = store::connect(&url, 4, g2w_webhooks::config::Durability::Normal)
-        .await
-        .unwrap();
+    let s = store::connect(
+        &url,
+        4,
+        g2w_webhooks::config::Durability::Normal,
+        crate::support::test_keyring(),
+    )
+    .await
+    .unwrap();
     let all = s
         .list_deliveries(&DeliveryFilter {
             limit: 1000,

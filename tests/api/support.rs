@@ -18,6 +18,13 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub const ADMIN: &str = "test-admin-token";
+/// The keyring PostgreSQL test servers seal secrets with (SQLite ones use the key file beside their database).
+pub const TEST_KEYS: &str = "test:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// The keyring of a test database: `TEST_KEYS`.
+pub fn test_keyring() -> std::sync::Arc<g2w_webhooks::store::sealed::Keyring> {
+    std::sync::Arc::new(g2w_webhooks::store::sealed::Keyring::parse(TEST_KEYS).expect("test keys"))
+}
 
 pub struct TestApp {
     pub base: String,
@@ -143,6 +150,9 @@ impl TestApp {
     async fn start(db_url: String, dir: tempfile::TempDir, configure: impl FnOnce(&mut ServeArgs)) -> Self {
         let mut args = ServeArgs::for_database(&db_url);
         args.admin_token = Some(ADMIN.into());
+        if !db_url.starts_with("sqlite:") {
+            args.db.secrets_keys = Some(TEST_KEYS.into());
+        }
         args.retry_schedule = g2w_webhooks::config::parse_schedule("20ms,20ms,20ms").expect("schedule");
         args.attempt_timeout = Duration::from_secs(2);
         args.poll_interval = Duration::from_millis(50);
@@ -165,7 +175,10 @@ impl TestApp {
             assert!(Instant::now() < deadline, "server did not become ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let store = store::connect(&db_url, 2, g2w_webhooks::config::Durability::Normal)
+        // The server's own keyring: the key file beside a SQLite database, TEST_KEYS on PostgreSQL.
+        let spec = (!db_url.starts_with("sqlite:")).then_some(TEST_KEYS);
+        let ring = std::sync::Arc::new(store::keyring_for(&db_url, spec).expect("keyring"));
+        let store = store::connect(&db_url, 2, g2w_webhooks::config::Durability::Normal, ring)
             .await
             .expect("store");
         let token = g2w_webhooks::issue_token(&store, "app-a", 1001).await.expect("token");

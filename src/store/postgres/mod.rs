@@ -42,6 +42,8 @@ pub struct PgStore {
     publisher: mpsc::Sender<PublishOp>,
     commits: Arc<Histogram>,
     signals: Arc<SignalSlot>,
+    /// Seals and opens the secrets it stores.
+    ring: Arc<Keyring>,
 }
 
 impl PgStore {
@@ -76,7 +78,7 @@ impl PgStore {
 }
 
 impl PgStore {
-    pub async fn open(url: &str, pool_size: u32) -> Result<Self> {
+    pub async fn open(url: &str, pool_size: u32, ring: Arc<Keyring>) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(2))
             .acquire_timeout(Duration::from_secs(5))
@@ -93,11 +95,12 @@ impl PgStore {
             write: pool,
             commits,
             signals: Arc::default(),
+            ring,
         })
     }
 }
 
-/// Claimed rows (id, event_key, app_id, webhook_key, subscription_key, url, attempts, body, secret_key,
+/// Claimed rows (id, event_key, app_id, webhook_key, subscription_key, url, attempts, body, own_secret,
 /// updated_at, w_state, s_state) as jobs, sharing one body buffer per event.
 fn jobs_from_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<DeliveryJob>> {
     let mut bodies: std::collections::HashMap<String, Bytes> = std::collections::HashMap::new();
@@ -122,7 +125,7 @@ fn jobs_from_rows(rows: &[PgRow], lease_until: i64) -> Result<Vec<DeliveryJob>> 
                 subscription_key: r.try_get("subscription_key")?,
                 url: r.try_get("url")?,
                 body,
-                webhook_secret: r.try_get("secret_key")?,
+                own_secret: r.try_get("own_secret")?,
                 attempts: r.try_get("attempts")?,
                 lease_until,
                 updated_at: r.try_get("updated_at")?,
@@ -213,7 +216,7 @@ sql_store!(PgStore, Postgres, PgRow, {
                RETURNING d.id, d.event_key, d.app_id, d.subscription_key, d.url, d.attempts, d.webhook_key, \
                  d.next_attempt_at, d.updated_at) \
              SELECT u.id, u.event_key, u.app_id, u.webhook_key, u.subscription_key, \
-               COALESCE(s.callback_url, w.callback_url, u.url) AS url, u.attempts, e.body, w.secret_key, \
+               COALESCE(s.callback_url, w.callback_url, u.url) AS url, u.attempts, e.body, w.secret_key IS NOT NULL AS own_secret, \
                u.updated_at, w.state AS w_state, s.state AS s_state \
              FROM u JOIN events e ON e.event_key = u.event_key \
              LEFT JOIN webhooks w ON w.webhook_key = u.webhook_key \

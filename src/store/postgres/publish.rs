@@ -120,7 +120,7 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
            SELECT t.id, t.k, t.n, t.app_id, t.webhook_key, t.subscription_key, t.url, 'pending', 0, $5, $6, $7, $5, $5 \
            FROM targets t JOIN ev ON ev.event_key = t.k \
            RETURNING id, event_key, subscription_key, app_id, url, webhook_key) \
-         SELECT 1 AS kind, ins.id, ins.event_key, ins.subscription_key, ins.app_id, ins.url, w.secret_key, \
+         SELECT 1 AS kind, ins.id, ins.event_key, ins.subscription_key, ins.app_id, ins.url, w.secret_key IS NOT NULL AS own_secret, \
                 0::int8 AS deliveries, ins.webhook_key \
            FROM ins LEFT JOIN webhooks w ON w.webhook_key = ins.webhook_key WHERE $6::text IS NOT NULL \
          UNION ALL SELECT 2, 0, ev.event_key, NULL, 0, NULL, NULL, ev.deliveries, NULL FROM ev \
@@ -155,7 +155,7 @@ async fn publish(pool: &PgPool, events: Vec<NewEvent>, lease: Option<Lease>) -> 
                     webhook_key: r.try_get("webhook_key")?,
                     subscription_key: r.try_get("subscription_key")?,
                     url: r.try_get("url")?,
-                    webhook_secret: r.try_get("secret_key")?,
+                    own_secret: r.try_get("own_secret")?,
                     attempts: 0,
                     lease_until: lease.as_ref().map_or(0, |l| l.until),
                     updated_at: now,

@@ -52,7 +52,7 @@ pub(super) fn claim_rows(
     // The subscription and webhook as they are now: their URL and key, and whether they still stand.
     const COLUMNS: &str = "SELECT d.id, d.event_key, d.app_id, d.subscription_key, \
          COALESCE(s.callback_url, w.callback_url, d.url), d.attempts, \
-         d.next_attempt_at, e.body, w.secret_key, d.updated_at, d.webhook_key, w.state, s.state \
+         d.next_attempt_at, e.body, w.secret_key IS NOT NULL, d.updated_at, d.webhook_key, w.state, s.state \
          FROM deliveries d JOIN events e ON e.event_key = d.event_key \
          LEFT JOIN webhooks w ON w.webhook_key = d.webhook_key \
          LEFT JOIN user_subscriptions s ON s.subscription_key = d.subscription_key \
@@ -98,7 +98,7 @@ pub(super) fn claim_rows(
             subscription_key: r.get(3)?,
             url: r.get(4)?,
             body,
-            webhook_secret: r.get(8)?,
+            own_secret: r.get(8)?,
             attempts: r.get(5)?,
             lease_until: HELD,
             updated_at: r.get(9)?,

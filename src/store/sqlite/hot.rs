@@ -67,7 +67,7 @@ struct Target {
     app_id: i64,
     webhook_key: String,
     url: String,
-    secret_key: Option<String>,
+    own_secret: bool,
 }
 
 pub(super) fn publish_all(
@@ -87,7 +87,7 @@ pub(super) fn publish_all(
     let mut group_of: HashMap<(i64, EventName), usize> = HashMap::new();
     let mut fanout = tx.prepare_cached(
         "SELECT s.subscription_key, s.app_id, s.webhook_key, COALESCE(s.callback_url, w.callback_url), \
-         w.secret_key FROM user_subscriptions s JOIN webhooks w ON w.webhook_key = s.webhook_key \
+         w.secret_key IS NOT NULL FROM user_subscriptions s JOIN webhooks w ON w.webhook_key = s.webhook_key \
          WHERE s.organizer_key = ?1 AND w.event_name = ?2 AND s.state = 'ACTIVE' AND w.state = 'ACTIVE'",
     )?;
     let mut target_of = Vec::with_capacity(events.len());
@@ -103,7 +103,7 @@ pub(super) fn publish_all(
                             app_id: r.get(1)?,
                             webhook_key: r.get(2)?,
                             url: r.get(3)?,
-                            secret_key: r.get(4)?,
+                            own_secret: r.get(4)?,
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -193,7 +193,7 @@ pub(super) fn publish_all(
                         subscription_key: t.subscription_key.clone(),
                         url: t.url.clone(),
                         body: ev.body.clone(),
-                        webhook_secret: t.secret_key.clone(),
+                        own_secret: t.own_secret,
                         attempts: 0,
                         lease_until: HELD,
                         updated_at: now,

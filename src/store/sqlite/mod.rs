@@ -36,6 +36,8 @@ pub struct SqliteStore {
     /// What claims read with (see `claim_rows`).
     claims: Arc<std::sync::Mutex<ClaimReader>>,
     signals: SignalSlot,
+    /// Seals and opens the secrets it stores.
+    ring: Arc<Keyring>,
 }
 
 /// Waiting deliveries are read through the due index (which holds only them): the table has no index on their
@@ -58,7 +60,12 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    pub async fn open(url: &str, pool_size: u32, durability: crate::config::Durability) -> Result<Self> {
+    pub async fn open(
+        url: &str,
+        pool_size: u32,
+        durability: crate::config::Durability,
+        ring: Arc<Keyring>,
+    ) -> Result<Self> {
         let sync = match durability {
             crate::config::Durability::Full => SqliteSynchronous::Full,
             crate::config::Durability::Normal => SqliteSynchronous::Normal,
@@ -138,6 +145,7 @@ impl SqliteStore {
                 from: None,
             })),
             signals: SignalSlot::default(),
+            ring,
         })
     }
 }
@@ -231,7 +239,7 @@ mod tests {
     #[tokio::test]
     async fn an_in_memory_database_is_refused_with_a_clear_error() {
         for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://x.db?mode=memory"] {
-            match SqliteStore::open(url, 1, crate::config::Durability::Full).await {
+            match SqliteStore::open(url, 1, crate::config::Durability::Full, Arc::new(Keyring::none())).await {
                 Err(Error::Config(msg)) => assert!(msg.contains("use sqlite://FILE"), "{msg}"),
                 Err(e) => panic!("{url}: {e}"),
                 Ok(_) => panic!("{url} was accepted"),
@@ -247,6 +255,7 @@ mod tests {
             &format!("sqlite://{}", path.display()),
             1,
             crate::config::Durability::Full,
+            Arc::new(Keyring::none()),
         )
         .await
         .expect("open");
