@@ -12,6 +12,9 @@ use crate::error::Error;
 pub fn client(policy: Policy, timeout: Duration, max_idle_per_host: usize) -> reqwest::Client {
     let mut b = reqwest::Client::builder()
         .user_agent(USER_AGENT_VALUE)
+        // The GET goes where deliveries go (they use no proxy), and is checked by the same resolver: an
+        // HTTP_PROXY in the environment must not carry it elsewhere.
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))

@@ -1,6 +1,10 @@
 //! The SQL both backends share: management queries, inspection and repair, written once in the common
 //! subset of SQLite and PostgreSQL (`$N` parameters, `CAST`, `ON CONFLICT`, `RETURNING`). Each backend adds
 //! its own hot path (publish, claim, record) where the two databases differ.
+//!
+//! Why one long macro: a backend's `Store` impl must be one impl block, and sqlx's row and transaction types
+//! differ per database, so one text serves both only when expanded per backend. It holds SQL and the mapping
+//! of rows, no decision of its own: those live in `rules.rs` and on the domain types.
 
 /// Implements `Store` for `$store` over database `$db` (rows `$row`), with the backend's own hot-path methods.
 macro_rules! sql_store {
