@@ -75,6 +75,8 @@ pub struct Metrics {
     pub deliveries_created: AtomicU64,
     pub pruned_deliveries: AtomicU64,
     pub pruned_events: AtomicU64,
+    /// Scrapes whose read of the waiting deliveries failed (their gauges are left out, not shown as 0).
+    pub queue_read_errors: AtomicU64,
     attempts: [AtomicU64; 4],
     attempt_seconds: Histogram,
 }
@@ -87,6 +89,7 @@ impl Default for Metrics {
             deliveries_created: AtomicU64::new(0),
             pruned_deliveries: AtomicU64::new(0),
             pruned_events: AtomicU64::new(0),
+            queue_read_errors: AtomicU64::new(0),
             attempts: Default::default(),
             attempt_seconds: Histogram::new(&ATTEMPT_BUCKETS),
         }
@@ -99,7 +102,8 @@ impl Metrics {
         self.attempt_seconds.observe(seconds);
     }
 
-    pub fn render(&self, queue: QueueStats, commits: &Histogram, now_ms: i64) -> String {
+    /// The Prometheus text; `queue` is `None` when the waiting deliveries could not be read.
+    pub fn render(&self, queue: Option<QueueStats>, commits: &Histogram, now_ms: i64) -> String {
         let mut s = String::with_capacity(2048);
         let counter = |s: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -156,6 +160,15 @@ impl Metrics {
             "Time the store takes to write and commit one group of publishes or attempt results, \
              waiting for the disk included.",
         );
+        counter(
+            &mut s,
+            "g2w_queue_read_errors_total",
+            "Scrapes that could not read the waiting deliveries (the waiting gauges are absent from those).",
+            self.queue_read_errors.load(Relaxed),
+        );
+        let Some(queue) = queue else {
+            return s;
+        };
         let age = queue
             .oldest_waiting_created_at
             .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
@@ -168,5 +181,30 @@ impl Metrics {
             queue.waiting
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_read_of_the_queue_leaves_its_gauges_out_and_counts_the_error() {
+        let m = Metrics::default();
+        let commits = Histogram::commits();
+        let queue = QueueStats {
+            waiting: 3,
+            oldest_waiting_created_at: Some(1_000),
+        };
+        let read = m.render(Some(queue), &commits, 3_000);
+        assert!(read.contains("\ng2w_deliveries_waiting 3\n"), "{read}");
+        assert!(read.contains("\ng2w_oldest_waiting_age_seconds 2\n"), "{read}");
+        m.queue_read_errors.fetch_add(1, Relaxed);
+        let failed = m.render(None, &commits, 3_000);
+        assert!(
+            !failed.contains("g2w_deliveries_waiting"),
+            "not a misleading 0: {failed}"
+        );
+        assert!(failed.contains("\ng2w_queue_read_errors_total 1\n"), "{failed}");
     }
 }

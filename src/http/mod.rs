@@ -113,7 +113,18 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let stats = state.store.queue_stats().await.unwrap_or_default();
+    let stats = match state.store.queue_stats().await {
+        Ok(stats) => Some(stats),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: reading the waiting deliveries failed");
+            state
+                .engine
+                .metrics
+                .queue_read_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+    };
     let body = state
         .engine
         .metrics
