@@ -39,13 +39,7 @@ const CAPTURES: [&str; 4] = [
 ];
 
 async fn secret(app: &TestApp, body: Option<Value>) -> String {
-    let v: Value = app
-        .call(Method::POST, "/webhooks/secretkey", body)
-        .await
-        .json()
-        .await
-        .unwrap();
-    v["value"].as_str().unwrap().to_string()
+    app.new_secret_key(body).await
 }
 
 async fn publish_raw(app: &TestApp, body: &str) -> Value {

@@ -16,28 +16,10 @@ crate::on_both!(
     webhooks_and_subscriptions_per_tenant_are_capped,
 );
 
-/// Writes `bytes` one at a time, `gap` apart, until the peer stops reading; returns when the connection was
-/// closed (or `give_up` passed, which fails the test).
+/// Opens a connection and writes `bytes` one at a time, `gap` apart: see `trickle_on`.
 async fn trickle(addr: &str, bytes: &[u8], gap: Duration, give_up: Duration) -> Vec<u8> {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let started = Instant::now();
-    for b in bytes.iter().cycle() {
-        assert!(started.elapsed() < give_up, "the server kept the connection open");
-        if conn.write_all(&[*b]).await.is_err() {
-            break;
-        }
-        let mut buf = [0u8; 4096];
-        match tokio::time::timeout(gap, conn.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => {
-                let mut answer = buf[..n].to_vec();
-                let _ = tokio::time::timeout(Duration::from_millis(200), conn.read_to_end(&mut answer)).await;
-                return answer;
-            }
-            Err(_) => {}
-        }
-    }
-    Vec::new()
+    let conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    trickle_on(conn, bytes, gap, give_up).await
 }
 
 async fn a_client_sending_headers_a_byte_at_a_time_is_cut_off(b: Backend) {
@@ -83,7 +65,8 @@ async fn a_request_whose_body_trickles_in_gets_408(b: Backend) {
     assert!(app.deliveries("").await.is_empty(), "nothing half-published");
 }
 
-/// `trickle` on a connection already open.
+/// Writes `bytes` one at a time, `gap` apart, until the server answers or closes the connection; returns what it
+/// answered (nothing if it closed). Fails the test if the server still waits after `give_up`.
 async fn trickle_on(mut conn: tokio::net::TcpStream, bytes: &[u8], gap: Duration, give_up: Duration) -> Vec<u8> {
     let started = Instant::now();
     for b in bytes.iter().cycle() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use g2w_webhooks::store::sealed::Keyring;
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::Row;
 
 use crate::support::{signed_with, Backend, Receiver, TestApp};
@@ -54,20 +54,12 @@ async fn execute(url: &str, sql: &str) {
 
 /// An application key (from `POST /webhooks/secretkey`) and a webhook's own secret, both in use.
 async fn two_secrets(app: &TestApp, rx: &Receiver) -> (String, String) {
-    let key: Value = app
-        .call(Method::POST, "/webhooks/secretkey", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let key = app.new_secret_key(None).await;
     let body = json!({"product": "g2w", "eventName": "webinar.changed", "eventVersion": "1.0.0",
         "callbackUrl": format!("{}/own", rx.url), "secretKey": "my-very-own-webhook-secret"});
     let res = app.call(Method::POST, "/webhooks", Some(body)).await;
     assert_eq!(res.status(), 201);
-    (
-        key["value"].as_str().unwrap().to_string(),
-        "my-very-own-webhook-secret".to_string(),
-    )
+    (key, "my-very-own-webhook-secret".to_string())
 }
 
 async fn no_secret_is_stored_in_the_clear(b: Backend) {

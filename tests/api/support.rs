@@ -269,6 +269,17 @@ impl TestApp {
         res.json().await.expect("json")
     }
 
+    /// A new application secret key (`POST /webhooks/secretkey`, optionally with a body); its value.
+    pub async fn new_secret_key(&self, body: Option<Value>) -> String {
+        let v: Value = self
+            .call(Method::POST, "/webhooks/secretkey", body)
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["value"].as_str().expect("value").to_string()
+    }
+
     /// The JSON answer to a GET with the default token.
     pub async fn get_json(&self, path: &str) -> Value {
         self.call(Method::GET, path, None).await.json().await.expect("json")
