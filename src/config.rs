@@ -174,6 +174,11 @@ pub struct ServeArgs {
     #[arg(long, env = "G2W_MAX_SUBSCRIPTIONS_PER_ORGANIZER", default_value_t = 1000)]
     pub max_subscriptions_per_organizer: i64,
 
+    /// Attempts in flight to one callback destination (scheme, host and port) at most, so one slow or hostile
+    /// destination cannot take every slot; its other deliveries wait for its own.
+    #[arg(long, env = "G2W_MAX_IN_FLIGHT_PER_DESTINATION", default_value_t = 32)]
+    pub max_in_flight_per_destination: usize,
+
     /// How long a callback URL has to answer the validation GET.
     #[arg(long, env = "G2W_CALLBACK_CHECK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub callback_check_timeout: Duration,

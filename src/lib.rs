@@ -151,6 +151,7 @@ pub async fn run(
         node_id,
         workers: role != Role::Api,
         max_in_flight: args.max_in_flight.max(1),
+        max_in_flight_per_destination: args.max_in_flight_per_destination.max(1),
         retry: RetryPolicy {
             schedule: args.retry_schedule.0.clone(),
         },

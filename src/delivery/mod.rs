@@ -18,12 +18,14 @@ use crate::store::{DynStore, Signals};
 
 pub mod attempt;
 mod keys;
+mod lanes;
 pub mod retention;
 mod routes;
 mod scheduler;
 
 use attempt::{Attempt, RetryPolicy};
 use keys::Keys;
+use lanes::{Admit, Lanes};
 use routes::{Routes, Targets};
 
 /// Attempts sent and not yet recorded, per request slot (`--max-in-flight`): bounds the duplicates a crash
@@ -39,6 +41,7 @@ pub struct Settings {
     pub node_id: String,
     pub workers: bool,
     pub max_in_flight: usize,
+    pub max_in_flight_per_destination: usize,
     pub retry: RetryPolicy,
     pub attempt_timeout: Duration,
     pub disable_after: Duration,
@@ -218,11 +221,25 @@ impl Engine {
         let permits = Arc::new(Semaphore::new(self.settings.max_in_flight));
         // Sent and not yet recorded: what a crash can make a receiver see twice.
         let unrecorded = Arc::new(Semaphore::new(self.settings.max_in_flight * UNRECORDED_PER_SLOT));
+        let mut lanes = Lanes::new(self.settings.max_in_flight_per_destination);
+        // Attempts that ended, by destination: their slots go to the next job waiting there.
+        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
         loop {
-            let job = tokio::select! {
+            let (job, dest) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                job = rx.recv() => match job { Some(j) => j, None => break },
+                Some(dest) = ended_rx.recv() => match lanes.finished(&dest) {
+                    Some(next) => (next, dest),
+                    None => continue,
+                },
+                job = rx.recv() => {
+                    let Some(job) = job else { break };
+                    let dest = Lanes::destination(&job.url);
+                    match lanes.admit(&dest, job) {
+                        Admit::Go(job) => (job, dest),
+                        Admit::Wait => continue,
+                    }
+                }
             };
             let (permit, record_slot) = tokio::select! {
                 biased;
@@ -236,18 +253,23 @@ impl Engine {
             // whoever claims it once the lease has expired.
             if now_ms() + self.settings.attempt_timeout.as_millis() as i64 >= job.lease_until {
                 self.held.fetch_sub(1, Ordering::Relaxed);
+                let _ = ended_tx.send(dest);
                 continue; // the permit drops here
             }
             let engine = self.clone();
-            let results = results.clone();
+            let (results, ended) = (results.clone(), ended_tx.clone());
             attempts.spawn(async move {
                 let record = engine.attempt(&job).await;
                 // The request slot frees when the response arrives; the record slot travels with the result
                 // and frees once it is committed, so commits do not hold back requests.
                 drop(permit);
+                let _ = ended.send(dest);
                 let _ = results.send((record, record_slot));
             });
         }
+        // Jobs still waiting for a slot of their destination stay leased until shutdown releases the leases.
+        let waiting = lanes.drain_waiting();
+        self.held.fetch_sub(waiting, Ordering::Relaxed);
     }
 
     async fn attempt(&self, job: &DeliveryJob) -> AttemptRecord {

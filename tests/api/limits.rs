@@ -14,6 +14,7 @@ crate::on_both!(
     a_request_whose_body_trickles_in_gets_408,
     management_arrays_and_urls_are_bounded,
     webhooks_and_subscriptions_per_tenant_are_capped,
+    a_slow_destination_takes_only_its_own_slots,
 );
 
 /// Opens a connection and writes `bytes` one at a time, `gap` apart: see `trickle_on`.
@@ -170,4 +171,42 @@ async fn webhooks_and_subscriptions_per_tenant_are_capped(b: Backend) {
         .call_as(&other, Method::POST, "/webhooks", Some(json!([hook(3)])))
         .await;
     assert_eq!(res.status(), 200);
+}
+
+/// One slow destination takes at most its own slots (`--max-in-flight-per-destination`); its other deliveries
+/// wait for them, and another destination's deliveries go out at once meanwhile.
+async fn a_slow_destination_takes_only_its_own_slots(b: Backend) {
+    let app = TestApp::on_with(b, |a| {
+        a.max_in_flight = 8;
+        a.max_in_flight_per_destination = 2;
+    })
+    .await;
+    let (slow, fast) = (Receiver::start().await, Receiver::start().await);
+    slow.respond(|_| (200, vec![], Duration::from_millis(1500)));
+    app.subscribe("webinar.created", &slow.url).await;
+    app.subscribe("webinar.changed", &fast.url).await;
+    let events: Vec<Value> = (0..10)
+        .map(|i| json!({"eventName": "webinar.created", "webinarKey": i, "organizerKey": 1001}))
+        .collect();
+    app.publish(json!(events)).await;
+    slow.wait_for(2, Duration::from_secs(5)).await;
+    let started = Instant::now();
+    app.publish(json!({"eventName": "webinar.changed", "webinarKey": 99, "organizerKey": 1001}))
+        .await;
+    fast.wait_for(1, Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the other destination waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.count(), 2, "two in flight to the slow destination, not eight");
+    // All of them arrive in the end, two at a time, each with one attempt.
+    slow.wait_for(10, Duration::from_secs(30)).await;
+    crate::support::eventually("all delivered", Duration::from_secs(10), || async {
+        app.deliveries("state=delivered&eventName=webinar.created").await.len() == 10
+    })
+    .await;
+    for d in app.deliveries("eventName=webinar.created").await {
+        assert_eq!(d["attempts"], 1, "{d}");
+    }
 }

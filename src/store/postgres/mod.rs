@@ -243,6 +243,8 @@ sql_store!(PgStore, Postgres, PgRow, {
         let numbers = col(&|r| r.number);
         let started = col(&|r| r.started_at);
         let seen = col(&|r| r.job_updated_at);
+        // Paused and cancelled deliveries were not sent: no attempt to log.
+        let attempted: Vec<bool> = results.iter().map(|r| r.outcome.attempted()).collect();
         let durations = col(&|r| r.duration_ms);
         let statuses: Vec<Option<i64>> = results.iter().map(|r| r.status_code).collect();
         let errors: Vec<Option<String>> = results.iter().map(|r| r.error.clone()).collect();
@@ -265,13 +267,12 @@ sql_store!(PgStore, Postgres, PgRow, {
         let record = sqlx::query(
             "WITH u AS ( \
                SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
-                 $7::text[], $8::text[], $9::text[], $10::int8[], $13::int8[]) \
-                 AS u(id, number, node, started, duration, status, error, excerpt, state, next, seen)), \
+                 $7::text[], $8::text[], $9::text[], $10::int8[], $13::int8[], $14::bool[]) \
+                 AS u(id, number, node, started, duration, status, error, excerpt, state, next, seen, attempted)), \
              a AS ( \
                INSERT INTO attempts (delivery_id, number, node, started_at, duration_ms, status_code, error, \
                  response_excerpt) \
-               SELECT id, number, node, started, duration, status, error, excerpt FROM u \
-               WHERE u.state NOT IN ('paused', 'cancelled')), \
+               SELECT id, number, node, started, duration, status, error, excerpt FROM u WHERE u.attempted), \
              s AS ( \
                UPDATE user_subscriptions SET failing_since = NULL \
                WHERE subscription_key = ANY($12) AND failing_since IS NOT NULL), \
@@ -305,7 +306,8 @@ sql_store!(PgStore, Postgres, PgRow, {
         .bind(&nexts)
         .bind(now)
         .bind(&delivered)
-        .bind(&seen);
+        .bind(&seen)
+        .bind(&attempted);
         if failing.is_empty() && gone.is_empty() {
             let superseded: i64 = record.fetch_one(&self.write).await?.try_get(0)?;
             if superseded > 0 {
