@@ -52,17 +52,14 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             file,
         } => crate::listen::verify(&secret, &timestamp, &signature, file.as_deref()),
         Command::Deliveries(d) => deliveries(d).await,
-        Command::Redeliver { event_key, admin } => {
-            admin_call(
-                &admin,
-                reqwest::Method::POST,
-                &format!("/events/{event_key}/redeliver"),
-                None,
-            )
-            .await
-        }
+        Command::Redeliver { event_key, admin } => admin_post(&admin, &format!("/events/{event_key}/redeliver")).await,
         Command::Serve(_) | Command::Worker(_) => unreachable!("handled by main"),
     }
+}
+
+/// An admin API `POST` with no body (retries and redelivery).
+async fn admin_post(admin: &AdminClientArgs, path: &str) -> anyhow::Result<()> {
+    admin_call(admin, reqwest::Method::POST, path, None).await
 }
 
 async fn admin_call(
@@ -131,17 +128,9 @@ async fn deliveries(cmd: DeliveriesCommand) -> anyhow::Result<()> {
         DeliveriesCommand::Get { id, admin } => {
             admin_call(&admin, reqwest::Method::GET, &format!("/deliveries/{id}"), None).await
         }
-        DeliveriesCommand::Retry { id, admin } => {
-            admin_call(&admin, reqwest::Method::POST, &format!("/deliveries/{id}/retry"), None).await
-        }
+        DeliveriesCommand::Retry { id, admin } => admin_post(&admin, &format!("/deliveries/{id}/retry")).await,
         DeliveriesCommand::RetryFailed { subscription, admin } => {
-            admin_call(
-                &admin,
-                reqwest::Method::POST,
-                &format!("/subscriptions/{subscription}/retry-failed"),
-                None,
-            )
-            .await
+            admin_post(&admin, &format!("/subscriptions/{subscription}/retry-failed")).await
         }
     }
 }

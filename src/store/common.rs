@@ -17,6 +17,17 @@ const DELIVERY_COLS: &str = "id, event_key, event_name, webhook_key, subscriptio
     attempts, next_attempt_at, last_status, last_error, created_at, updated_at";
 
 impl $store {
+    /// The readers answer and a write commits: reads can work while writes fail (a full disk, a read-only
+    /// standby), so `/readyz` proves both.
+    async fn reads_and_writes(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        sqlx::query(PROVE_WRITES)
+            .bind(now_ms().to_string())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
     async fn fetch_subscriptions(&self, tenant: Tenant, key: Option<&str>) -> Result<Vec<Subscription>> {
         let sql = format!(
             "SELECT s.subscription_key, s.organizer_key, s.callback_url, s.state, s.inactive_reason, \

@@ -84,10 +84,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        sqlx::migrate!("migrations/postgres")
-            .run(&pool)
-            .await
-            .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
         let commits = Arc::new(Histogram::commits());
         Ok(Self {
             read: pool.clone(),
@@ -179,13 +176,7 @@ sql_store!(PgStore, Postgres, PgRow, {
         if self.publisher.is_closed() {
             return Err(Error::Unavailable("the publish committers have stopped".into()));
         }
-        sqlx::query("SELECT 1").execute(&self.read).await?;
-        // Reads can work while writes fail (a full disk, a read-only standby): a write proves the write path.
-        sqlx::query(PROVE_WRITES)
-            .bind(now_ms().to_string())
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        self.reads_and_writes().await
     }
 
     async fn next_due(&self, now: i64) -> Result<Option<i64>> {

@@ -95,10 +95,7 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(write_opts)
             .await?;
-        sqlx::migrate!("migrations/sqlite")
-            .run(&write)
-            .await
-            .map_err(|e| Error::Internal(format!("migrating the database: {e}")))?;
+        sqlx::migrate!("migrations/sqlite").run(&write).await?;
         let claim_path = path.clone();
         let hot = tokio::task::spawn_blocking(move || Hot::open(&path, sync))
             .await
@@ -163,13 +160,7 @@ sql_store!(SqliteStore, Sqlite, SqliteRow, {
         if self.writer.is_closed() {
             return Err(Error::Unavailable("the database writer has stopped".into()));
         }
-        sqlx::query("SELECT 1").execute(&self.read).await?;
-        // Reads can work while writes fail (a full disk): a write that commits proves the write path.
-        sqlx::query(PROVE_WRITES)
-            .bind(now_ms().to_string())
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        self.reads_and_writes().await
     }
 
     async fn publish(&self, events: Vec<NewEvent>, lease: Option<Lease>) -> Result<Vec<PublishOutcome>> {
